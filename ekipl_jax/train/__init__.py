@@ -1,0 +1,1 @@
+"""Trainer pieces: checkpoints, metrics, the SFT and RL loops, evaluation."""
