@@ -1,0 +1,181 @@
+"""The jit update step: optax AdamW, mu inner epochs, exact micro-batch accumulation, non-finite skip.
+
+  train_step = make_train_step(logprob_fn, optimizer, cfg)      # jax.jit(..., donate_argnames=("state",))
+  state, metrics = train_step(state, batch)
+
+logprob_fn(params, batch) -> (logp_BC, entropy_BC or None): teacher-forced log-probs of the completion tokens.
+batch: a dict of arrays. The step reads
+  mask [B, C], advantages [B], is_external [B]                         (required)
+  ref_logp [B, C]       (needed when beta != 0)         behaviour_logp [B, C], has_behaviour [B]  ('importance')
+  old_logp [B, C]       (optional: pi_old; otherwise the policy's log-probs before the first inner update)
+and hands the whole dict (sliced per micro-batch) to logprob_fn. Every leaf's leading axis must be B or a multiple
+n*B whose row b owns entries b*n .. b*n+n-1 (e.g. per-row image patches).
+
+Exactness: each micro-batch contributes grad(loss_sum_k); the step divides the sum by sum(denom_k), the big-batch
+denominator (loss.py), so k micro-batches give the big-batch loss and gradient up to float summation order.
+Micro-batch j holds rows j, j+k, j+2k, ...: with B sharded over devices every micro-batch stays spread over all of
+them (no data moves); the assignment of rows to micro-batches does not change the sum.
+
+Non-finite skip: if the loss or any gradient entry is not finite, params and opt_state are left exactly as they
+were (so the optimizer's count and the lr schedule do not advance) and state.skipped_steps grows by one.
+state.step counts train_step calls (batches consumed) and advances whether or not an update was applied; with
+mu > 1 each inner epoch is its own update and is skipped (or not) on its own.
+"""
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ekipl_jax.rl import loss as rl_loss
+
+Array = jax.Array
+LogprobFn = Callable[[Any, dict], tuple[Array, Optional[Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array  # train_step calls (batches consumed)
+  params: Any
+  opt_state: Any
+  skipped_steps: Array  # updates skipped because the loss or gradient was not finite
+
+
+def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                    skipped_steps=jnp.zeros((), jnp.int32))
+
+
+def lr_schedule(ocfg) -> optax.Schedule:
+  if ocfg.schedule == "constant":
+    if ocfg.warmup_steps > 0:
+      return optax.join_schedules([optax.linear_schedule(0.0, ocfg.lr, ocfg.warmup_steps),
+                                   optax.constant_schedule(ocfg.lr)], [ocfg.warmup_steps])
+    return optax.constant_schedule(ocfg.lr)
+  if ocfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps, max(ocfg.total_steps, 1),
+                                              end_value=ocfg.lr * ocfg.final_lr_ratio)
+  raise ValueError(f"unknown schedule {ocfg.schedule!r}")
+
+
+def make_optimizer(ocfg) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW with the lr schedule (cfg.optimizer)."""
+  adamw = optax.adamw(lr_schedule(ocfg), b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, weight_decay=ocfg.weight_decay)
+  if ocfg.grad_clip is not None and ocfg.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(ocfg.grad_clip), adamw)
+  return adamw
+
+
+def _split(batch: dict, k: int) -> dict:
+  """[B*n, ...] -> [k, (B/k)*n, ...]; micro-batch j gets rows j, j+k, ... (each row's n entries together)."""
+  B = batch["mask"].shape[0]
+  if B % k:
+    raise ValueError(f"batch rows {B} not divisible by micro_batches {k}")
+
+  def one(x):
+    n = x.shape[0] // B
+    y = x.reshape(B // k, k, n, *x.shape[1:]).swapaxes(0, 1)
+    return y.reshape(k, (B // k) * n, *x.shape[1:])
+  return jax.tree.map(one, batch)
+
+
+def _init_aux(shapes: dict) -> dict:
+  fill = {"sum": 0.0, "min": jnp.inf, "max": -jnp.inf}
+  return {k: jnp.full(s.shape, fill[k.split("/", 1)[0]], s.dtype) for k, s in shapes.items()}
+
+
+def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation, cfg, *,
+                    state_sharding: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """cfg: the rl config (loss fields, mu, micro_batches). state_sharding: optional out-sharding of the state."""
+  k, mu = int(cfg.micro_batches), int(cfg.mu)
+
+  def mb_loss(params, mb: dict, old_logp_BC: Optional[Array]):
+    logp_BC, ent_BC = logprob_fn(params, mb)
+    old = logp_BC if old_logp_BC is None else old_logp_BC  # mu == 1: pi_old == pi_theta numerically, rho == 1
+    loss_sum, denom, aux = rl_loss.grpo_loss(
+        logp_BC, old, mb.get("ref_logp"), mb["advantages"], mb["mask"], mb["is_external"],
+        mb.get("behaviour_logp"), cfg, has_behaviour_B=mb.get("has_behaviour"), entropy_BC=ent_BC)
+    return loss_sum, (denom, aux)
+
+  def accumulate(params, mbs: dict, old_kBC: Optional[Array]):
+    """Sum over micro-batches of (grad loss_sum, loss_sum, denom, aux)."""
+    mb0 = jax.tree.map(lambda x: x[0], mbs)
+    old0 = None if old_kBC is None else old_kBC[0]
+    aux_shapes = jax.eval_shape(mb_loss, params, mb0, old0)[1][1]
+    grad_fn = jax.value_and_grad(mb_loss, has_aux=True)
+
+    def body(carry, xs):
+      g_acc, ls_acc, d_acc, aux_acc = carry
+      mb, old = xs
+      (ls, (d, aux)), g = grad_fn(params, mb, old)
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+      return (g_acc, ls_acc + ls, d_acc + d, rl_loss.merge_aux(aux_acc, aux)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), _init_aux(aux_shapes))
+    (g_sum, ls_sum, d_sum, aux), _ = jax.lax.scan(body, init, (mbs, old_kBC))
+    return g_sum, ls_sum, d_sum, aux
+
+  def old_logprobs(params, mbs: dict) -> Array:
+    def body(_, mb):
+      return None, jax.lax.stop_gradient(logprob_fn(params, mb)[0])
+    return jax.lax.scan(body, None, mbs)[1]
+
+  def epoch(carry, _, mbs, old_kBC):
+    params, opt_state, skipped = carry
+    g_sum, ls_sum, d_sum, aux = accumulate(params, mbs, old_kBC)
+    grads = jax.tree.map(lambda g, p: (g / d_sum).astype(p.dtype), g_sum, params)
+    loss = ls_sum / d_sum
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, new_opt = optimizer.update(safe, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    carry = (keep(new_params, params), keep(new_opt, opt_state), skipped + (~ok).astype(jnp.int32))
+    return carry, (loss, grad_norm, d_sum, aux)
+
+  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    mbs = _split(batch, k)
+    if "old_logp" in batch:
+      old_kBC = mbs.pop("old_logp")
+    elif mu > 1:
+      old_kBC = old_logprobs(state.params, mbs)  # pi_old fixed before the first inner update
+    else:
+      old_kBC = None
+    carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32))
+    (params, opt_state, skipped), (loss_E, gnorm_E, denom_E, aux_E) = jax.lax.scan(
+        lambda c, x: epoch(c, x, mbs, old_kBC), carry, None, length=mu)
+    red = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
+    aux = {key: red[key.split("/", 1)[0]](v, axis=0) for key, v in aux_E.items()}
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                          skipped_steps=state.skipped_steps + skipped)
+    metrics = {"loss": loss_E.mean(), "loss_first_epoch": loss_E[0], "grad_norm": gnorm_E.mean(),
+               "denom": denom_E[0], "skipped": skipped, "skipped_steps": state.skipped_steps,
+               **rl_loss.finalize_aux(aux)}
+    return state, metrics
+
+  out_shardings = None if state_sharding is None else (state_sharding, None)
+  return jax.jit(train_step, donate_argnames=("state",), out_shardings=out_shardings)
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] = "data") -> dict:
+  """Global arrays with the leading axis split over `axis` of the mesh. Every process passes the same global batch
+  (host numpy); each keeps only its devices' slices. Used until ekipl_jax.sharding provides the batch sharding."""
+  def one(x):
+    x = np.asarray(x)
+    spec = jax.sharding.PartitionSpec(axis, *([None] * (x.ndim - 1)))
+    sharding = jax.sharding.NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(one, batch)
+
+
+def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+  """Every leaf fully replicated over the mesh (multi-process safe: each process passes the same values)."""
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  def one(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(one, tree)

@@ -1,0 +1,88 @@
+"""EKIPL selection and advantages: expected values worked out by hand / with numpy."""
+import numpy as np
+import pytest
+
+from ekipl_jax.rl import advantages, config, selection
+
+
+def _cfg(**kw):
+  c = config.default()
+  c.group_size = 4
+  c.update(kw)
+  return c
+
+
+# Two prompts, pool of 8 each: 4 policy rows, then 2 rows of external model 1, then 2 of model 2.
+SOURCES = np.array([0, 0, 0, 0, 1, 1, 2, 2] * 2)
+REWARDS = np.array([1, 0, 2, 0, 2, 1, 0, 2, 1, 1, 1, 1, 1, 1, 1, 1], np.float64)
+ACCURACY = np.array([1, 0, 1, 0, 1, 1, 0, 1, 0, 1, 0, 0, 1, 1, 1, 1], np.float64)
+PROMPT = np.repeat([7, 3], 8)  # prompt ids need not be sorted: groups follow first appearance
+
+
+def test_ekipl_top_g_and_ties():
+  keep, _ = selection.select(REWARDS, SOURCES, PROMPT, _cfg())
+  # prompt 7: reward 2 at rows 2 (policy), 4, 7 (external); then reward 1: row 0 (policy) beats row 5 (external).
+  # prompt 3: all rewards equal: the policy rows win.
+  np.testing.assert_array_equal(keep, [0, 2, 4, 7, 8, 9, 10, 11])
+
+
+def test_ekipl_tie_policy_before_external_regardless_of_position():
+  keep, _ = selection.select([1.0, 1.0, 1.0, 0.0], [1, 0, 1, 0], [0, 0, 0, 0], _cfg(group_size=2))
+  np.testing.assert_array_equal(keep, [0, 1])  # row 1 (policy) first, then row 0 (external, lower index than 2)
+
+
+def test_none_all_replace():
+  keep, m = selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="none"))
+  np.testing.assert_array_equal(keep, [0, 1, 2, 3, 8, 9, 10, 11])
+  assert m["source_ratio/external"] == 0.0
+  keep, m = selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="all"))
+  np.testing.assert_array_equal(keep, np.arange(16))
+  assert m["source_ratio/external"] == 0.5
+  keep, m = selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="replace", num_replace=1))
+  np.testing.assert_array_equal(keep, [0, 1, 2, 4, 8, 9, 10, 12])
+  assert m["source_ratio/external"] == 0.25 and m["source_ratio/model_2"] == 0.0
+
+
+def test_source_metrics():
+  _, m = selection.select(REWARDS, SOURCES, PROMPT, _cfg(), accuracy_R=ACCURACY)
+  # kept rows 0,2,4,7 | 8,9,10,11 -> sources 0,0,1,2 | 0,0,0,0
+  assert m["source_ratio/external"] == 0.25
+  assert m["source_ratio/model_1"] == 0.125 and m["source_ratio/model_2"] == 0.125
+  assert m["kept/reward_mean/policy"] == pytest.approx(7 / 6)  # 1,2,1,1,1,1
+  assert m["kept/reward_mean/external"] == 2.0
+  assert m["kept/solved/policy"] == pytest.approx(3 / 6)  # acc of rows 0,2,8,9,10,11: 1,1,0,1,0,0
+  assert m["kept/solved/external"] == 1.0
+  assert m["pool/reward_mean/policy"] == pytest.approx(7 / 8)
+  assert m["pool/reward_mean/external"] == pytest.approx(9 / 8)
+  assert m["pool/solved/policy"] == pytest.approx(3 / 8)
+  assert m["pool/solved/external"] == pytest.approx(7 / 8)
+  assert m["zero_var_groups"] == 0.5  # prompt 3 kept rewards are all 1
+
+
+def test_too_small_pool_raises():
+  with pytest.raises(ValueError):
+    selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="none", group_size=5))
+
+
+def test_advantages_group_unbiased_std():
+  A = advantages.compute([1, 0, 0, 1, 2, 2, 2, 2], [0] * 4 + [1] * 4, [0] * 8, _cfg())
+  s = np.sqrt(1 / 3)  # unbiased std of [1, 0, 0, 1]
+  np.testing.assert_allclose(A, np.array([1, -1, -1, 1, 0, 0, 0, 0]) * 0.5 / (s + 1e-4), rtol=1e-6)
+
+
+def test_advantages_variants_vs_numpy():
+  rng = np.random.default_rng(0)
+  r = rng.normal(size=12)
+  g = np.repeat([0, 1, 2], 4)
+  src = np.tile([0, 0, 1, 2], 3)
+  rg = r.reshape(3, 4)
+  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_std="none")),
+                             (rg - rg.mean(1, keepdims=True)).ravel(), rtol=1e-5)
+  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_std="batch")),
+                             ((rg - rg.mean(1, keepdims=True)) / (r.std(ddof=1) + 1e-4)).ravel(), rtol=1e-5)
+  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_ddof=0)),
+                             ((rg - rg.mean(1, keepdims=True)) / (rg.std(1, keepdims=True) + 1e-4)).ravel(), rtol=1e-5)
+  pol = rg[:, :2]  # grpo_split: mean and std of the policy rows only
+  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_stats_from="policy")),
+                             ((rg - pol.mean(1, keepdims=True)) / (pol.std(1, ddof=1, keepdims=True) + 1e-4)).ravel(),
+                             rtol=1e-5)
