@@ -1,0 +1,148 @@
+"""The GRPO loss against an independent numpy transcription of METHOD.md sect. 1-3, and its gradient per token."""
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ekipl_jax.rl import config, loss
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+B, C = 6, 5
+
+
+def _cfg(**kw):
+  c = config.default()
+  c.update(kw)
+  return c
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  logp = np.log(rng.uniform(0.05, 0.95, (B, C))).astype(np.float32)
+  old = (logp + rng.normal(0, 0.4, (B, C))).astype(np.float32)  # rho spans both clip edges
+  ref = (logp + rng.normal(0, 0.3, (B, C))).astype(np.float32)
+  beh = (logp + rng.normal(0, 1.0, (B, C))).astype(np.float32)
+  ent = rng.uniform(0, 2, (B, C)).astype(np.float32)
+  A = np.array([1.0, -1.5, 0.7, -0.3, 2.0, -2.0], np.float32)
+  lengths = np.array([5, 3, 1, 4, 2, 5])
+  mask = (np.arange(C)[None] < lengths[:, None]).astype(np.float32)
+  ext = np.array([0, 0, 0, 1, 1, 1], bool)
+  has_beh = np.array([0, 0, 0, 1, 0, 1], bool)
+  return dict(logp=logp, old=old, ref=ref, beh=beh, ent=ent, A=A, mask=mask, ext=ext, has_beh=has_beh)
+
+
+def np_loss(d, cfg):
+  """loss = loss_sum / denom written straight from the formulas (float64)."""
+  logp, old, ref, A = (d[k].astype(np.float64) for k in ("logp", "old", "ref", "A"))
+  A = A[:, None]
+  ext = np.broadcast_to(d["ext"][:, None], logp.shape)
+  rho = np.exp(logp - old)
+  J = np.minimum(rho * A, np.clip(rho, 1 - cfg.eps_low, 1 + cfg.eps_high) * A)
+  if cfg.dual_clip is not None:
+    J = np.where(A < 0, np.maximum(J, cfg.dual_clip * A), J)
+  p, p_old = np.exp(logp), np.exp(old)
+  if cfg.external_treatment == "luffy":
+    J = np.where(ext, p / (p + cfg.luffy_gamma) * A, J)
+  elif cfg.external_treatment == "importance":
+    use = ext & d["has_beh"][:, None]
+    J = np.where(use, np.minimum(np.exp(logp - d["beh"]), cfg.is_max) * A, J)
+  elif cfg.external_treatment == "rlplus":
+    w = (p_old + 1) / 2
+    J = np.where(ext, 2 * p / (p_old + w) * A * np.sqrt(1 - p), J)
+  kl = np.exp(ref - logp) - (ref - logp) - 1 if cfg.kl_estimator == "k3" else logp - ref
+  l = -(J - cfg.beta * kl + cfg.entropy_coef * d["ent"])
+  m = d["mask"]
+  if cfg.aggregation == "token_mean":
+    return (l * m).sum() / m.sum()
+  per_seq = (l * m).sum(1) / (m.sum(1) if cfg.aggregation == "seq_mean_token_mean" else cfg.max_len_norm)
+  return per_seq.mean()
+
+
+def jax_loss(d, cfg, logp=None):
+  logp = jnp.asarray(d["logp"]) if logp is None else logp
+  return loss.grpo_loss(logp, d["old"], d["ref"] if cfg.beta else None, d["A"], d["mask"], d["ext"], d["beh"], cfg,
+                        has_behaviour_B=d["has_beh"], entropy_BC=d["ent"])
+
+
+@pytest.mark.parametrize("aggregation,treatment", list(itertools.product(loss.AGGREGATIONS, loss.TREATMENTS)))
+def test_loss_matches_numpy(aggregation, treatment):
+  d = _inputs()
+  cfg = _cfg(aggregation=aggregation, external_treatment=treatment, eps_high=0.28, dual_clip=1.5,
+             entropy_coef=0.01, max_len_norm=7)
+  loss_sum, denom, _ = jax_loss(d, cfg)
+  np.testing.assert_allclose(loss_sum / denom, np_loss(d, cfg), rtol=1e-5)
+  expected_denom = d["mask"].sum() if aggregation == "token_mean" else B
+  assert float(denom) == expected_denom
+
+
+@pytest.mark.parametrize("kl", ["k1", "k3"])
+def test_kl_estimators_and_beta_zero(kl):
+  d = _inputs(1)
+  cfg = _cfg(kl_estimator=kl, beta=0.1)
+  loss_sum, denom, aux = jax_loss(d, cfg)
+  np.testing.assert_allclose(loss_sum / denom, np_loss(d, cfg), rtol=1e-5)
+  cfg0 = _cfg(beta=0.0)
+  loss_sum0, denom0, aux0 = jax_loss(d, cfg0)  # ref_logp_BC = None
+  np.testing.assert_allclose(loss_sum0 / denom0, np_loss(d, cfg0), rtol=1e-5)
+  assert "sum/kl" not in aux0
+  with pytest.raises(ValueError):
+    loss.grpo_loss(d["logp"], d["old"], None, d["A"], d["mask"], d["ext"], None, cfg)
+
+
+def _grad_per_token(d, cfg):
+  return np.asarray(jax.grad(lambda lp: jax_loss(d, cfg, lp)[0])(jnp.asarray(d["logp"])))
+
+
+@pytest.mark.parametrize("dual_clip", [None, 1.5])
+def test_gradient_zero_exactly_where_clipped(dual_clip):
+  d = _inputs(2)
+  cfg = _cfg(beta=0.0, eps_low=0.2, eps_high=0.28, dual_clip=dual_clip, external_treatment="paper")
+  g = _grad_per_token(d, cfg)
+  rho, A = np.exp(d["logp"] - d["old"]), d["A"][:, None]
+  zero = (d["mask"] == 0) | (A == 0) | ((A > 0) & (rho > 1 + 0.28)) | ((A < 0) & (rho < 1 - 0.2))
+  if dual_clip is not None:
+    zero |= (A < 0) & (rho > dual_clip)
+  assert zero.any() and (~zero).any()
+  np.testing.assert_array_equal(g == 0, zero)
+
+
+def test_gradient_external_treatments():
+  d = _inputs(3)
+  ext_tok = np.broadcast_to(d["ext"][:, None], (B, C)) & (d["mask"] > 0)
+  # luffy: never clipped, so every valid external token gets a gradient
+  g = _grad_per_token(d, _cfg(beta=0.0, external_treatment="luffy"))
+  assert np.all(g[ext_tok] != 0)
+  # importance: zero exactly above is_max on rows with behaviour log-probs
+  cfg = _cfg(beta=0.0, external_treatment="importance", is_max=1.5)
+  g = _grad_per_token(d, cfg)
+  use = ext_tok & d["has_beh"][:, None]
+  rho_is = np.exp(d["logp"] - d["beh"])
+  assert (use & (rho_is > 1.5)).any() and (use & (rho_is < 1.5)).any()
+  np.testing.assert_array_equal(g[use] == 0, rho_is[use] > 1.5)
+
+
+@pytest.mark.parametrize("aggregation", loss.AGGREGATIONS)
+def test_row_split_sums_to_big_batch(aggregation):
+  d = _inputs(4)
+  cfg = _cfg(aggregation=aggregation, max_len_norm=7)
+  full_sum, full_den, _ = jax_loss(d, cfg)
+  parts = [{k: v[i::3] for k, v in d.items()} for i in range(3)]
+  sums = [jax_loss(p, cfg)[:2] for p in parts]
+  np.testing.assert_allclose(sum(s for s, _ in sums) / sum(n for _, n in sums), full_sum / full_den, rtol=1e-6)
+
+
+def test_aux_clip_fractions_and_ratios():
+  d = _inputs(5)
+  cfg = _cfg(beta=0.0, eps_low=0.2, eps_high=0.28, external_treatment="paper")
+  _, _, aux = jax_loss(d, cfg)
+  m = loss.finalize_aux(aux)
+  rho, A, msk = np.exp(d["logp"] - d["old"]), d["A"][:, None], d["mask"] > 0
+  np.testing.assert_allclose(m["clip_low"], ((A < 0) & (rho < 0.8) & msk).sum() / msk.sum(), rtol=1e-6)
+  np.testing.assert_allclose(m["clip_high"], ((A > 0) & (rho > 1.28) & msk).sum() / msk.sum(), rtol=1e-6)
+  pol = msk & ~d["ext"][:, None]
+  np.testing.assert_allclose(m["rho_max/policy"], rho[pol].max(), rtol=1e-6)
+  np.testing.assert_allclose(m["rho_min/external"], rho[msk & d["ext"][:, None]].min(), rtol=1e-6)
+  np.testing.assert_allclose(m["rho_mean/policy"], rho[pol].mean(), rtol=1e-6)
+  np.testing.assert_allclose(m["entropy"], d["ent"][msk].mean(), rtol=1e-6)
