@@ -1,0 +1,1 @@
+"""Data: synthetic scenes, TFDS builders, the tokenizer/processor folder and prompt batching."""

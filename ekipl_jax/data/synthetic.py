@@ -1,0 +1,209 @@
+"""Offline CLEVR-Math-like counting scenes, a scripted solver and noisy solvers (stand-ins for external models).
+
+A scene is a few coloured 2D shapes (cube = square, sphere = circle, cylinder = triangle), one per cell of a grid
+whose cells are `cell` pixels wide. With the defaults (112 px image, 28 px cells) each cell is exactly one merged
+vision token of Qwen-VL (14 px patches, 2x2 merge), so a tiny policy sees one object per token.
+
+Splits (documented contract, checked by tests):
+  train, test_id : num objects in [min_objects, max_objects]; colour-shape pairs in HELD_OUT_PAIRS never appear.
+  test_ood       : num objects in [max_objects + 1, ood_max_objects] AND every scene has >= 1 held-out pair.
+Everything is a pure function of (config, split, index): rng = numpy Generator seeded by (seed, split, index).
+"""
+import dataclasses
+import io
+import json
+import zlib
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60),
+    "yellow": (230, 200, 30), "purple": (140, 60, 190), "gray": (128, 128, 128),
+}
+SHAPES = ("cube", "sphere", "cylinder")
+SIZES = ("small", "large")
+BACKGROUND = (255, 255, 255)
+HELD_OUT_PAIRS = frozenset({("red", "sphere"), ("blue", "cylinder"), ("green", "cube")})
+SPLITS = ("train", "test_id", "test_ood")
+QUESTION_KINDS = ("count", "subtract_all", "add", "subtract_n")
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneConfig:
+  seed: int = 0                 # base seed; each example has its own Generator from (seed, split, index)
+  image_size: int = 112         # square image side in pixels
+  cell: int = 28                # grid cell side; 28 = one merged Qwen-VL vision token
+  min_objects: int = 2          # in-distribution object count range (inclusive)
+  max_objects: int = 6
+  ood_max_objects: int = 9      # test_ood draws counts in [max_objects + 1, ood_max_objects]
+  question_kinds: tuple[str, ...] = QUESTION_KINDS
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.cell
+
+
+def _rng(cfg: SceneConfig, split: str, index: int) -> np.random.Generator:
+  return np.random.default_rng([cfg.seed, zlib.crc32(split.encode()), index])
+
+
+# ---------------------------------------------------------------------------------------------- scenes
+def sample_scene(cfg: SceneConfig, split: str, rng: np.random.Generator) -> list[dict]:
+  """Objects as dicts {cell: [row, col], color, shape, size}, sorted by cell (reading order)."""
+  ood = split == "test_ood"
+  lo, hi = (cfg.max_objects + 1, cfg.ood_max_objects) if ood else (cfg.min_objects, cfg.max_objects)
+  n = int(rng.integers(lo, hi + 1))
+  if n > cfg.grid * cfg.grid:
+    raise ValueError(f"{n} objects do not fit a {cfg.grid}x{cfg.grid} grid")
+  allowed = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in HELD_OUT_PAIRS]
+  held = sorted(HELD_OUT_PAIRS)
+  pairs = [allowed[int(rng.integers(len(allowed)))] for _ in range(n)]
+  if ood:  # OOD: every scene shows at least one colour-shape pair never seen in training
+    k = int(rng.integers(1, n + 1)) if n > 1 else 1
+    for j in rng.choice(n, size=min(k, n), replace=False):
+      pairs[int(j)] = held[int(rng.integers(len(held)))]
+  cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
+  objects = [{"cell": [int(c) // cfg.grid, int(c) % cfg.grid], "color": col, "shape": shp,
+              "size": SIZES[int(rng.integers(len(SIZES)))]} for c, (col, shp) in zip(cells, pairs)]
+  return sorted(objects, key=lambda o: tuple(o["cell"]))
+
+
+def render(cfg: SceneConfig, objects: list[dict]) -> Image.Image:
+  """Flat colours, no anti-aliasing, so pixel colours identify objects exactly."""
+  img = Image.new("RGB", (cfg.image_size, cfg.image_size), BACKGROUND)
+  draw = ImageDraw.Draw(img)
+  for o in objects:
+    r, c = o["cell"]
+    cx, cy = c * cfg.cell + cfg.cell / 2, r * cfg.cell + cfg.cell / 2
+    h = cfg.cell * (0.42 if o["size"] == "large" else 0.25)   # half extent
+    box = [cx - h, cy - h, cx + h - 1, cy + h - 1]
+    fill = COLORS[o["color"]]
+    if o["shape"] == "cube":
+      draw.rectangle(box, fill=fill)
+    elif o["shape"] == "sphere":
+      draw.ellipse(box, fill=fill)
+    else:
+      draw.polygon([(cx, cy - h), (cx - h, cy + h - 1), (cx + h - 1, cy + h - 1)], fill=fill)
+  return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  img.save(buf, format="PNG", optimize=False)
+  return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- questions
+def _phrase(filt: dict, k: int | None = None) -> str:
+  """'red cubes', 'small objects', '1 blue sphere'."""
+  plural = k is None or k != 1
+  noun = filt.get("shape", "object") + ("s" if plural else "")
+  words = [w for w in (filt.get("size"), filt.get("color")) if w] + [noun]
+  return " ".join(([str(k)] if k is not None else []) + words)
+
+
+def matches(o: dict, filt: dict) -> bool:
+  return all(o[key] == val for key, val in filt.items())
+
+
+def sample_question(cfg: SceneConfig, objects: list[dict], rng: np.random.Generator) -> dict:
+  """{kind, filter, k, text}. Filters name 1-2 attributes of an object in the scene (CLEVR-Math style)."""
+  kind = cfg.question_kinds[int(rng.integers(len(cfg.question_kinds)))]
+  if kind == "count":
+    return {"kind": kind, "filter": {}, "k": 0, "text": "How many objects are there?"}
+  ref = objects[int(rng.integers(len(objects)))]
+  keys = [["color", "shape"], ["shape"], ["color"], ["size", "shape"], ["size", "color", "shape"]]
+  filt = {key: ref[key] for key in keys[int(rng.integers(len(keys)))]}
+  if kind == "subtract_all":
+    return {"kind": kind, "filter": filt, "k": 0,
+            "text": f"Subtract all {_phrase(filt)}. How many objects are left?"}
+  if kind == "add":
+    k = int(rng.integers(1, 4))
+    return {"kind": kind, "filter": filt, "k": k,
+            "text": f"Add {_phrase(filt, k)}. How many objects exist?"}
+  n_match = sum(matches(o, filt) for o in objects)
+  k = int(rng.integers(1, n_match + 1))
+  return {"kind": "subtract_n", "filter": filt, "k": k,
+          "text": f"Subtract {_phrase(filt, k)}. How many objects are left?"}
+
+
+# ---------------------------------------------------------------------------------------------- solvers
+def answer_of(objects: list[dict], question: dict) -> int:
+  """The ground truth, computed directly from the metadata."""
+  n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
+  return {"count": n, "subtract_all": n - m, "add": n + question["k"], "subtract_n": n - question["k"]}[
+      question["kind"]]
+
+
+def _describe(objects: list[dict]) -> str:
+  counts: dict[str, int] = {}
+  for o in objects:
+    key = f"{o['size']} {o['color']} {o['shape']}"
+    counts[key] = counts.get(key, 0) + 1
+  return ", ".join(f"{v} {k}" + ("s" if v > 1 else "") for k, v in counts.items())
+
+
+def write_cot(objects: list[dict], question: dict, n_seen: int, m_seen: int) -> tuple[str, int]:
+  """Chain of thought from the counts the solver believes it saw; returns (cot, final answer)."""
+  kind, filt, k = question["kind"], question["filter"], question["k"]
+  lines = [f"I count the objects in the image: {_describe(objects)}.", f"In total there are {n_seen} objects."]
+  if kind == "count":
+    return "\n".join(lines + [f"So there are {n_seen} objects."]), n_seen
+  if kind == "subtract_all":
+    ans = n_seen - m_seen
+    lines += [f"The {_phrase(filt)} in the image: {m_seen}.", f"Removing them leaves {n_seen} - {m_seen} = {ans}."]
+  elif kind == "add":
+    ans = n_seen + k
+    lines += [f"Adding {_phrase(filt, k)} gives {n_seen} + {k} = {ans}."]
+  else:
+    ans = n_seen - k
+    lines += [f"Removing {_phrase(filt, k)} leaves {n_seen} - {k} = {ans}."]
+  return "\n".join(lines + [f"So the answer is {ans}."]), ans
+
+
+def solve(objects: list[dict], question: dict) -> tuple[str, int]:
+  """The scripted (always correct) solver."""
+  return write_cot(objects, question, len(objects), sum(matches(o, question["filter"]) for o in objects))
+
+
+def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.random.Generator
+                ) -> tuple[str, int]:
+  """Correct with probability `accuracy`; otherwise it miscounts (plausible reasoning, wrong final answer)."""
+  n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
+  if rng.random() < accuracy:
+    return write_cot(objects, question, n, m)
+  delta = int(rng.choice([-1, 1])) if answer_of(objects, question) > 0 else 1  # never a negative answer
+  if question["kind"] == "subtract_all" and rng.random() < 0.5 and m + delta >= 0:
+    return write_cot(objects, question, n, m + delta)  # miscounts the matching objects
+  return write_cot(objects, question, n + delta, m)    # miscounts the whole scene
+
+
+def format_response(cot: str, answer: int | str) -> str:
+  """The Reason-RFT CoT-SFT target."""
+  return f"<think>\n{cot}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+# ---------------------------------------------------------------------------------------------- records
+def make_example(cfg: SceneConfig, split: str, index: int) -> dict:
+  """One record in the Reason-RFT layout (+ task, metadata, image_png) for (cfg, split, index)."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  rng = _rng(cfg, split, index)
+  objects = sample_scene(cfg, split, rng)
+  question = sample_question(cfg, objects, rng)
+  cot, ans = solve(objects, question)
+  ex_id = f"{split}-{index:06d}"
+  meta = {"objects": objects, "question": question, "image_size": cfg.image_size, "cell": cfg.cell}
+  return {"id": ex_id, "image": f"{split}/{ex_id}.png", "problem": question["text"], "answer": str(ans),
+          "solution": str(ans), "cot": cot, "task": "counting", "metadata": json.dumps(meta, sort_keys=True),
+          "image_png": png_bytes(render(cfg, objects))}
+
+
+def corpus(cfg: SceneConfig, n: int = 500) -> list[str]:
+  """Text for tokenizer training: problems and full CoT responses of the first n train examples."""
+  out = []
+  for i in range(n):
+    ex = make_example(cfg, "train", i)
+    out += [ex["problem"], format_response(ex["cot"], ex["answer"])]
+  return out
