@@ -1,0 +1,172 @@
+"""`QwenVL`: the policy as one Flax module for both families: embed (vision features at the image pad tokens), decode
+(with an optional KV cache), unembed.
+
+Legend: B batch, T tokens, S cache slots, D width, V vocab, N vision patches, M merged vision tokens, L layers,
+K kv heads, Dh head dim, 3 = M-RoPE position streams.
+
+Static (changing them recompiles): the config, dtype / param_dtype / remat / mesh, and array shapes (B, T, S, N).
+Values (no recompile): token ids, masks, pixel values, positions, cache contents and `cache_index`.
+`image_grid_thw` is host data: the vision tower and the 3D positions are derived from it in numpy outside jit. Under
+jit, pass `positions` (from `models.rope_index`) and `vision_metadata` (from `vision.vision_metadata`) explicitly;
+text-only positions (and image positions, given a traced `image_grid_thw`) are computed in-graph otherwise.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ekipl_jax import sharding
+from ekipl_jax.models import rope
+from ekipl_jax.models.config import QwenVLConfig, as_config
+from ekipl_jax.models.decoder import DecoderLayer, RMSNorm, attention_mask
+
+try:  # the vision tower is another module; text-only paths work without it
+    from ekipl_jax.models import vision as _vision
+except ImportError:  # pragma: no cover
+    _vision = None
+
+Array = Any
+
+
+def _concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
+
+
+def rope_index(config: QwenVLConfig, input_ids_BT, attention_mask_BT=None, image_grid_thw=None,
+               mm_token_type_ids_BT=None):
+    """positions_3BT, rope_deltas_B: host numpy when the inputs are concrete, in-graph jnp when traced."""
+    xp = np if _concrete(input_ids_BT, attention_mask_BT, image_grid_thw, mm_token_type_ids_BT) else jnp
+    ids = xp.asarray(input_ids_BT)
+    mask = xp.ones(ids.shape, xp.int32) if attention_mask_BT is None else xp.asarray(attention_mask_BT)
+    is_img = ids == config.image_token_id if mm_token_type_ids_BT is None else xp.asarray(mm_token_type_ids_BT) == 1
+    grid = None if image_grid_thw is None else xp.asarray(image_grid_thw).reshape(-1, 3)
+    return rope.mrope_positions(xp, is_img, mask, grid, config.spatial_merge_size)
+
+
+def vision_config(config: QwenVLConfig):
+    if _vision is None:
+        raise ImportError("ekipl_jax.models.vision is not available: image inputs cannot be used")
+    return _vision.VisionConfig.from_hf(config.vision_hf, config.model_type, out_hidden_size=config.hidden_size)
+
+
+class QwenVL(nn.Module):
+    config: QwenVLConfig
+    dtype: Any = jnp.float32  # compute dtype
+    param_dtype: Any = jnp.float32
+    remat: bool = False  # rematerialise each decoder layer (and vision block) in the backward pass
+    mesh: jax.sharding.Mesh | None = None  # activations are constrained on it when given
+    rules: sharding.Rules = sharding.RULES
+    with_vision: bool = True  # False: a text-only policy (no `visual` params)
+
+    def setup(self):
+        c, dt, pdt = self.config, self.dtype, self.param_dtype
+        self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pdt, embedding_init=
+                                     nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")))
+        layer = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+        self.layers = [layer(c, dt, pdt, name=f"layers_{i}") for i in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, dt, pdt)
+        if not c.tie_word_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=
+                                    nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))
+        if self.with_vision:
+            self.visual = _vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
+
+    def _constrain(self, x, axes):
+        return sharding.constrain(x, axes, self.mesh, self.rules)
+
+    def __call__(self, input_ids_BT, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, positions=None, vision_metadata=None):
+        """logits_BTV of the full sequence (no cache)."""
+        h_BTD = self.hidden(input_ids_BT, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, positions,
+                            vision_metadata)
+        return self.unembed(h_BTD)
+
+    def hidden(self, input_ids_BT, attention_mask=None, pixel_values=None, image_grid_thw=None,
+               mm_token_type_ids=None, positions=None, vision_metadata=None):
+        """Final-norm hidden states h_BTD (what `unembed` turns into logits)."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(jnp.shape(input_ids_BT), jnp.int32)
+        x_BTD, pos_3BT, _ = self.embed(input_ids_BT, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                       positions, vision_metadata)
+        h_BTD, _ = self.decode(x_BTD, pos_3BT, attention_mask)
+        return h_BTD
+
+    def embed(self, input_ids_BT, attention_mask_BT=None, pixel_values=None, image_grid_thw=None,
+              mm_token_type_ids=None, positions=None, vision_metadata=None):
+        """x_BTD (token embeddings, vision features at image pad tokens), positions_3BT, rope_deltas_B."""
+        c = self.config
+        if positions is None:
+            positions, deltas_B = rope_index(c, input_ids_BT, attention_mask_BT, image_grid_thw, mm_token_type_ids)
+        else:
+            deltas_B = None
+        ids_BT = jnp.asarray(input_ids_BT)
+        x_BTD = self.embed_tokens(ids_BT)
+        if pixel_values is not None:
+            if not self.with_vision:
+                raise ValueError("pixel_values given to a policy built with with_vision=False")
+            if vision_metadata is None:
+                feats_MD = self.visual(jnp.asarray(pixel_values), image_grid_thw=np.asarray(image_grid_thw))
+            else:
+                feats_MD = self.visual(jnp.asarray(pixel_values), metadata=vision_metadata)
+            x_BTD = self._place_features(input_ids_BT, x_BTD, feats_MD.astype(x_BTD.dtype), image_grid_thw,
+                                         vision_metadata)
+        return self._constrain(x_BTD, ("batch", "sequence", None)), jnp.asarray(positions), deltas_B
+
+    def _place_features(self, input_ids_BT, x_BTD, feats_MD, image_grid_thw, vision_metadata):
+        c = self.config
+        is_img_BT = jnp.asarray(input_ids_BT) == c.image_token_id
+        if _concrete(input_ids_BT) and vision_metadata is None:
+            n_tok = int(np.sum(np.asarray(input_ids_BT) == c.image_token_id))
+            if n_tok != feats_MD.shape[0]:
+                raise ValueError(f"image pad tokens ({n_tok}, token id {c.image_token_id}) != image features "
+                                 f"({feats_MD.shape[0]} from image_grid_thw {np.asarray(image_grid_thw).tolist()})")
+        flat = is_img_BT.reshape(-1).astype(jnp.int32)
+        rank = jnp.clip(jnp.cumsum(flat) - 1, 0, feats_MD.shape[0] - 1).reshape(is_img_BT.shape)
+        return jnp.where(is_img_BT[..., None], feats_MD[rank], x_BTD)
+
+    def decode(self, x_BTD, positions_3BT, attention_mask_BS, cache=None, cache_index=None):
+        """h_BTD, cache. Without a cache the mask is over the T tokens; with one ({"k","v": [L,B,S,K,Dh]}) the T new
+        tokens are written at slots cache_index .. cache_index+T-1 and `attention_mask_BS` covers all S slots
+        (1 = slot holds a real token, including the new ones)."""
+        c = self.config
+        cos_BTDh, sin_BTDh = rope.mrope_cos_sin(jnp.asarray(positions_3BT), c.head_dim, c.rope_theta,
+                                                c.mrope_section, self.dtype)
+        mask_BTS = attention_mask(jnp.asarray(attention_mask_BS), x_BTD.shape[1],
+                                  None if cache is None else cache_index)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            kc, vc = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
+            x_BTD, kc, vc = layer(x_BTD, cos_BTDh, sin_BTDh, mask_BTS, kc, vc, cache_index)
+            x_BTD = self._constrain(x_BTD, ("batch", "sequence", None))
+            ks.append(kc), vs.append(vc)
+        new_cache = None if cache is None else {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+        return self.norm(x_BTD), new_cache
+
+    def unembed(self, h_BTD):
+        if self.config.tie_word_embeddings:
+            logits_BTV = self.embed_tokens.attend(h_BTD)
+        else:
+            logits_BTV = self.lm_head(h_BTD)
+        return self._constrain(logits_BTV, ("batch", "sequence", "vocab"))
+
+
+def dummy_inputs(model: QwenVL) -> dict:
+    """Smallest inputs that touch every parameter (one 2x2-patch image when the policy has a vision tower)."""
+    c = model.config
+    if not model.with_vision:
+        return dict(input_ids_BT=np.zeros((1, 2), np.int32))
+    m = c.spatial_merge_size
+    patch_dim = vision_config(c).patch_dim
+    return dict(input_ids_BT=np.array([[0, c.image_token_id]], np.int32), attention_mask=np.ones((1, 2), np.int32),
+                pixel_values=np.zeros((m * m, patch_dim), np.float32), image_grid_thw=np.array([[1, m, m]]))
+
+
+def init_cache(config: QwenVLConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """Zero KV cache {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh]} with S = max_len slots."""
+    c = as_config(config)
+    shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
