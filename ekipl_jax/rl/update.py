@@ -161,14 +161,15 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
   return jax.jit(train_step, donate_argnames=("state",), out_shardings=out_shardings)
 
 
-def shard_batch(batch: dict, mesh: jax.sharding.Mesh, axis: str | tuple[str, ...] = "data") -> dict:
-  """Global arrays with the leading axis split over `axis` of the mesh. Every process passes the same global batch
-  (host numpy); each keeps only its devices' slices. Used until ekipl_jax.sharding provides the batch sharding."""
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+  """Global arrays, leading axis on the logical "batch" axis (ekipl_jax.sharding rules: data x fsdp). Every process
+  passes the same global batch (host numpy) and keeps only its own devices' slices."""
+  from ekipl_jax import sharding  # the mesh rules live there
+
   def one(x):
     x = np.asarray(x)
-    spec = jax.sharding.PartitionSpec(axis, *([None] * (x.ndim - 1)))
-    sharding = jax.sharding.NamedSharding(mesh, spec)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    s = sharding.logical_sharding(("batch",) + (None,) * (x.ndim - 1), mesh, shape=x.shape)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
   return jax.tree.map(one, batch)
 
 

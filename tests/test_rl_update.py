@@ -1,0 +1,157 @@
+"""The jit update step on a toy policy: exact micro-batch accumulation, mu epochs, non-finite skip, 8-device mesh.
+
+The toy policy (also used by test_rl_distributed.py): embedding + dense + log_softmax over a small vocabulary,
+teacher-forced on batch["input_ids"]; the completion is the last C tokens.
+"""
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ekipl_jax import sharding
+from ekipl_jax.rl import config, loss, update
+
+V, D, P, C = 13, 8, 3, 6
+
+
+def toy_params(seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  return {"embed": rng.normal(0, 0.5, (V, D)).astype(np.float32),
+          "w": rng.normal(0, 0.5, (D, V)).astype(np.float32), "b": np.zeros((V,), np.float32)}
+
+
+def toy_logprob_fn(params, batch):
+  ids_BT = batch["input_ids"]
+  logits_BTV = params["embed"][ids_BT[:, :-1]] @ params["w"] + params["b"]
+  logp_BTV = jax.nn.log_softmax(logits_BTV)
+  logp_BT = jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
+  entropy_BT = -(jnp.exp(logp_BTV) * logp_BTV).sum(-1)
+  return logp_BT[:, -C:], entropy_BT[:, -C:]
+
+
+def toy_batch(seed: int = 0, B: int = 16) -> dict:
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(1, C + 1, B)
+  return {"input_ids": rng.integers(0, V, (B, P + C)).astype(np.int32),
+          "mask": (np.arange(C)[None] < lengths[:, None]).astype(np.float32),
+          "advantages": rng.normal(0, 1, B).astype(np.float32),
+          "is_external": (np.arange(B) % 4 == 3),
+          "ref_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+          "behaviour_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+          "has_behaviour": (np.arange(B) % 8 == 3)}
+
+
+def rl_cfg(**kw):
+  c = config.default()
+  c.update(dict(beta=0.04, eps_high=0.28, entropy_coef=0.01, max_len_norm=C))
+  c.update(kw)
+  return c
+
+
+def run_steps(cfg, batch, n_steps=1, optimizer=None, mesh=None, params=None):
+  """Returns (params as numpy, list of metrics as numpy)."""
+  optimizer = optimizer or optax.sgd(1.0)
+  params = toy_params() if params is None else params
+  state = update.init_state(jax.tree.map(jnp.asarray, params), optimizer)
+  step_fn, state_sharding = update.make_train_step(toy_logprob_fn, optimizer, cfg), None
+  if mesh is not None:
+    state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = update.replicate(state, mesh)
+    batch = update.shard_batch(batch, mesh)
+    step_fn = update.make_train_step(toy_logprob_fn, optimizer, cfg, state_sharding=state_sharding)
+  metrics = []
+  for _ in range(n_steps):
+    state, m = step_fn(state, batch)
+    metrics.append(jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), m))
+  local = lambda x: np.asarray(x.addressable_data(0))
+  return jax.tree.map(local, state.params), metrics, jax.tree.map(local, state)
+
+
+def _close(a, b, **kw):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **kw), a, b)
+
+
+@pytest.mark.parametrize("aggregation", loss.AGGREGATIONS)
+def test_micro_batches_equal_big_batch(aggregation):
+  """k micro-batches == one batch: loss, and the gradient (SGD with lr 1: new params = params - grad)."""
+  cfg1, cfg4 = rl_cfg(aggregation=aggregation), rl_cfg(aggregation=aggregation, micro_batches=4)
+  batch = toy_batch(1)
+  p1, m1, _ = run_steps(cfg1, batch)
+  p4, m4, _ = run_steps(cfg4, batch)
+  np.testing.assert_allclose(m4[0]["loss"], m1[0]["loss"], rtol=1e-6, atol=1e-7)
+  _close(p4, p1, rtol=1e-6, atol=1e-7)
+  for key in ("kl", "entropy", "rho_mean/policy", "rho_max/external"):
+    np.testing.assert_allclose(m4[0][key], m1[0][key], rtol=1e-6)
+
+
+def test_step_gradient_matches_direct_grad():
+  """The step's gradient is the gradient of loss_sum / denom of the whole batch."""
+  cfg, batch = rl_cfg(aggregation="seq_mean_token_mean", micro_batches=2), toy_batch(2)
+  params = jax.tree.map(jnp.asarray, toy_params())
+
+  def direct(p):
+    logp, ent = toy_logprob_fn(p, batch)
+    s, d, _ = loss.grpo_loss(logp, logp, batch["ref_logp"], batch["advantages"], batch["mask"], batch["is_external"],
+                             None, cfg, entropy_BC=ent)
+    return s / d
+  g = jax.grad(direct)(params)
+  p_new, m, _ = run_steps(cfg, batch)
+  _close(jax.tree.map(lambda p, n: p - n, toy_params(), p_new), g, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(m[0]["loss"], direct(params), rtol=1e-6)
+
+
+def test_mu_epochs_fix_old_logp():
+  """mu = 2 == two mu = 1 updates that both use pi_old = the policy before the first update; rho != 1 after it."""
+  cfg2, batch = rl_cfg(mu=2, micro_batches=2, external_treatment="importance"), toy_batch(3)
+  opt = optax.adam(0.05)
+  p2, m2, s2 = run_steps(cfg2, batch, optimizer=opt)
+  old = np.asarray(toy_logprob_fn(jax.tree.map(jnp.asarray, toy_params()), batch)[0])
+  manual = dict(batch, old_logp=old)
+  cfg1 = rl_cfg(mu=1, micro_batches=2, external_treatment="importance")
+  p1, m1, s1 = run_steps(cfg1, manual, n_steps=2, optimizer=opt)
+  _close(p2, p1, rtol=1e-5, atol=1e-6)
+  assert int(s2.step) == 1 and int(s1.step) == 2
+  assert m2[0]["rho_max/policy"] > 1.0 + 1e-3 or m2[0]["rho_min/policy"] < 1.0 - 1e-3
+
+
+def test_non_finite_skips_update():
+  cfg, batch = rl_cfg(micro_batches=2), toy_batch(4)
+  batch["advantages"][5] = np.nan
+  opt = optax.adam(0.1)
+  p, m, s = run_steps(cfg, batch, n_steps=2, optimizer=opt)
+  _close(p, toy_params(), rtol=0, atol=0)
+  fresh = jax.tree.map(np.asarray, update.init_state(jax.tree.map(jnp.asarray, toy_params()), opt).opt_state)
+  _close(s.opt_state, fresh, rtol=0, atol=0)
+  assert int(s.skipped_steps) == 2 and int(s.step) == 2
+  assert m[0]["skipped"] == 1 and m[1]["skipped_steps"] == 2 and not np.isfinite(m[0]["loss"])
+
+
+def test_beta_zero_needs_no_reference():
+  cfg, batch = rl_cfg(beta=0.0), toy_batch(5)
+  del batch["ref_logp"]
+  p, m, _ = run_steps(cfg, batch)
+  assert np.isfinite(m[0]["loss"]) and "kl" not in m[0]
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1)])
+def test_mesh_matches_one_device(mesh_shape):
+  """8 CPU devices (batch over data x fsdp) == 1 device: loss and params after two AdamW steps."""
+  assert jax.device_count() >= 8
+  cfg = rl_cfg(mu=2, micro_batches=2, external_treatment="luffy")
+  opt = update.make_optimizer(_opt_cfg())
+  batch = toy_batch(6)
+  p1, m1, _ = run_steps(cfg, batch, n_steps=2, optimizer=opt)
+  mesh = sharding.make_mesh(mesh_shape)
+  p8, m8, _ = run_steps(cfg, batch, n_steps=2, optimizer=opt, mesh=mesh)
+  for a, b in zip(m1, m8):
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-6, atol=1e-6)
+  _close(p8, p1, rtol=1e-6, atol=1e-6)
+
+
+def _opt_cfg():
+  o = config.default().optimizer
+  o.lr, o.schedule, o.warmup_steps, o.total_steps, o.weight_decay = 1e-2, "cosine", 1, 10, 0.1
+  return o
