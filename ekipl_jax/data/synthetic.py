@@ -207,3 +207,10 @@ def corpus(cfg: SceneConfig, n: int = 500) -> list[str]:
     ex = make_example(cfg, "train", i)
     out += [ex["problem"], format_response(ex["cot"], ex["answer"])]
   return out
+
+
+def noisy_response(metadata: str, accuracy: float, rng: np.random.Generator) -> tuple[str, int]:
+  """An external model's full response for a record (its `metadata` JSON): (response text, its answer)."""
+  meta = json.loads(metadata)
+  cot, ans = noisy_solve(meta["objects"], meta["question"], accuracy, rng)
+  return format_response(cot, ans), ans
