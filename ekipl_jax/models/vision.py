@@ -17,7 +17,9 @@ pads with zeros) or already padded to `pad_to` (`pad_patches`). `pad_to` must be
 Everything data dependent (rotary positions, per-frame segment ids, the Qwen2.5-VL window order, window segment ids and
 the inverse order) is host numpy from `vision_metadata`; the jitted compute sees only those arrays. Attention is dense
 over the N patches with a `segment_q == segment_k` mask (transformers' cu_seqlens semantics: one segment per frame of
-each image, or per window in Qwen2.5-VL window blocks), O(N^2) memory per head in query chunks of `attn_chunk`.
+each image, or per window in Qwen2.5-VL window blocks), in query blocks of `attn_chunk`. Window blocks look only at
+the keys within `config.max_window_patches` of each query block (exact: windows are contiguous in compute order);
+full blocks do the same with `max_frame_patches` when given (a static promise about the largest frame), else O(N^2).
 
 Parameter names (the checkpoint contract; `hf_to_flax_name` implements it, keys relative to `visual.`):
     a numeric path component joins its parent with "_":   blocks.{i} -> blocks_{i},  merger.mlp.{0,2} -> merger/mlp_{0,2}
@@ -82,6 +84,11 @@ class VisionConfig:
     @property
     def patch_dim(self) -> int:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    @property
+    def max_window_patches(self) -> int:
+        """Patches in the largest attention window (window blocks attend within <= this many patches)."""
+        return max(self.window_size // self.spatial_merge_size // self.patch_size, 1) ** 2 * self.merge_unit
 
     def is_window_block(self, i: int) -> bool:
         return self.family == "qwen2_5_vl" and self.window_size > 0 and i not in self.fullatt_block_indexes
@@ -211,7 +218,7 @@ def rotary_cos_sin(pos_hw_N2: Array, head_dim: int, theta: float) -> tuple[Array
     """2D axial rotary: the first Dh/4 frequencies rotate by row, the next Dh/4 by column, halves repeated (f32)."""
     spatial = head_dim // 2
     inv_freq = 1.0 / (theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
-    ang_N2F = pos_hw_N2.astype(jnp.float32)[..., None] * inv_freq
+    ang_N2F = pos_hw_N2.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
     ang_NHalf = ang_N2F.reshape(ang_N2F.shape[0], -1)  # [row freqs, col freqs]
     ang_NDh = jnp.concatenate([ang_NHalf, ang_NHalf], axis=-1)
     return jnp.cos(ang_NDh), jnp.sin(ang_NDh)
@@ -221,25 +228,41 @@ def apply_rotary(x_NHDh: Array, cos_NDh: Array, sin_NDh: Array) -> Array:
     x = x_NHDh.astype(jnp.float32)
     x1, x2 = jnp.split(x, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * cos_NDh[:, None] + rotated * sin_NDh[:, None]).astype(x_NHDh.dtype)
+    return (x * cos_NDh[:, None, :] + rotated * sin_NDh[:, None, :]).astype(x_NHDh.dtype)
 
 
-def segment_attention(q_NHDh: Array, k_NHDh: Array, v_NHDh: Array, seg_N: Array, chunk: int | None = None) -> Array:
-    """Softmax attention where query n sees key j only if seg[n] == seg[j]; queries in chunks to bound memory."""
+def segment_attention(q_NHDh: Array, k_NHDh: Array, v_NHDh: Array, seg_N: Array, chunk: int | None = None,
+                      span: int | None = None) -> Array:
+    """Softmax attention where query n sees key j only if seg[n] == seg[j] (segments are contiguous runs).
+
+    chunk: queries in blocks of `chunk` (None: all at once, [H, N, N] logits). span: a static bound on the length of
+    every real segment; then a query block only looks at the `chunk + 2 (span - 1)` keys around it (exact, since a
+    segment of length <= span cannot reach further), so the cost is O(N (chunk + span)) instead of O(N^2)."""
     scale = q_NHDh.shape[-1] ** -0.5
 
-    def attend(q_CHDh: Array, seg_C: Array) -> Array:
-        logits_HCN = jnp.einsum("chd,nhd->hcn", q_CHDh, k_NHDh, preferred_element_type=jnp.float32) * scale
-        mask_CN = seg_C[:, None] == seg_N[None, :]
-        probs_HCN = jax.nn.softmax(jnp.where(mask_CN, logits_HCN, -jnp.inf), axis=-1).astype(v_NHDh.dtype)
-        return jnp.einsum("hcn,nhd->chd", probs_HCN, v_NHDh)
+    def attend(q_CHDh: Array, seg_C: Array, k_LHDh: Array, v_LHDh: Array, seg_L: Array) -> Array:
+        logits_HCL = jnp.einsum("chd,lhd->hcl", q_CHDh, k_LHDh, preferred_element_type=jnp.float32) * scale
+        mask_1CL = (seg_C[:, None] == seg_L[None, :])[None]
+        probs_HCL = jax.nn.softmax(jnp.where(mask_1CL, logits_HCL, -jnp.inf), axis=-1).astype(v_LHDh.dtype)
+        return jnp.einsum("hcl,lhd->chd", probs_HCL, v_LHDh)
 
     n = q_NHDh.shape[0]
-    if chunk is None or n <= chunk or n % chunk:
-        return attend(q_NHDh, seg_N)
-    q_BCHDh = q_NHDh.reshape(n // chunk, chunk, *q_NHDh.shape[1:])
-    out_BCHDh = jax.lax.map(lambda a: attend(*a), (q_BCHDh, seg_N.reshape(n // chunk, chunk)))
-    return out_BCHDh.reshape(q_NHDh.shape)
+    if chunk is None or n <= chunk:
+        return attend(q_NHDh, seg_N, k_NHDh, v_NHDh, seg_N)
+    n_blocks = -(-n // chunk)
+    q_pad = jnp.pad(q_NHDh, ((0, n_blocks * chunk - n), (0, 0), (0, 0)))
+    seg_pad = jnp.pad(seg_N, (0, n_blocks * chunk - n), mode="edge")  # pad queries copy the last real segment
+    band = n if span is None else min(n, chunk + 2 * (span - 1))
+
+    def one_block(b: Array) -> Array:
+        q_CHDh = jax.lax.dynamic_slice_in_dim(q_pad, b * chunk, chunk)
+        seg_C = jax.lax.dynamic_slice_in_dim(seg_pad, b * chunk, chunk)
+        start = jnp.clip(b * chunk - (span or 1) + 1, 0, n - band)
+        k_LHDh, v_LHDh, seg_L = (jax.lax.dynamic_slice_in_dim(a, start, band) for a in (k_NHDh, v_NHDh, seg_N))
+        return attend(q_CHDh, seg_C, k_LHDh, v_LHDh, seg_L)
+
+    out_BCHDh = jax.lax.map(one_block, jnp.arange(n_blocks))
+    return out_BCHDh.reshape(n_blocks * chunk, *q_NHDh.shape[1:])[:n]
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -260,7 +283,7 @@ class RMSNorm(nn.Module):
         scale_D = self.param("scale", nn.initializers.ones, (x_ND.shape[-1],), self.param_dtype)
         x = x_ND.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return scale_D.astype(self.dtype) * x.astype(self.dtype)
+        return scale_D.astype(self.dtype)[None, :] * x.astype(self.dtype)
 
 
 def make_norm(config: VisionConfig, dtype: Any, param_dtype: Any, name: str) -> nn.Module:
@@ -275,6 +298,7 @@ class VisionAttention(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_chunk: int | None = None
+    span: int | None = None  # static bound on segment length (see segment_attention)
 
     @nn.compact
     def __call__(self, x_ND: Array, cos_NDh: Array, sin_NDh: Array, seg_N: Array) -> Array:
@@ -283,7 +307,7 @@ class VisionAttention(nn.Module):
         qkv_N3HDh = nn.Dense(3 * d, name="qkv", **kw)(x_ND).reshape(n, 3, h, d // h)
         q_NHDh = apply_rotary(qkv_N3HDh[:, 0], cos_NDh, sin_NDh)
         k_NHDh = apply_rotary(qkv_N3HDh[:, 1], cos_NDh, sin_NDh)
-        o_NHDh = segment_attention(q_NHDh, k_NHDh, qkv_N3HDh[:, 2], seg_N, self.attn_chunk)
+        o_NHDh = segment_attention(q_NHDh, k_NHDh, qkv_N3HDh[:, 2], seg_N, self.attn_chunk, self.span)
         return nn.Dense(d, name="proj", **kw)(o_NHDh.reshape(n, d))
 
 
@@ -310,11 +334,12 @@ class VisionBlock(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attn_chunk: int | None = None
+    span: int | None = None
 
     @nn.compact
     def __call__(self, x_ND: Array, cos_NDh: Array, sin_NDh: Array, seg_N: Array) -> Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        attn = VisionAttention(cfg, dt, pdt, self.attn_chunk, name="attn")
+        attn = VisionAttention(cfg, dt, pdt, self.attn_chunk, self.span, name="attn")
         x_ND = x_ND + attn(make_norm(cfg, dt, pdt, "norm1")(x_ND), cos_NDh, sin_NDh, seg_N)
         return x_ND + VisionMLP(cfg, dt, pdt, name="mlp")(make_norm(cfg, dt, pdt, "norm2")(x_ND))
 
@@ -352,7 +377,9 @@ class VisionTower(nn.Module):
     dtype: Any = jnp.float32  # compute dtype (rotary and softmax always in float32)
     param_dtype: Any = jnp.float32
     remat: bool = False  # rematerialise each block in the backward pass
-    attn_chunk: int | None = None  # query chunk of the attention (None: all N queries at once)
+    attn_chunk: int | None = 512  # query block of the attention (None: all N queries at once, [H, N, N] logits)
+    max_frame_patches: int | None = None  # static bound on h*w of any frame: full-attention blocks then only look at
+    #                                       keys near each query block; None: they look at all N keys (always exact)
 
     @nn.compact
     def __call__(self, pixel_values_NK: Array, image_grid_thw: np.ndarray | None = None,
@@ -368,9 +395,13 @@ class VisionTower(nn.Module):
         cos_NDh, sin_NDh = rotary_cos_sin(jnp.asarray(metadata.pos_hw_N2), cfg.head_dim, cfg.rope_theta)
         seg_N, win_N = jnp.asarray(metadata.segment_ids_N), jnp.asarray(metadata.window_ids_N)
         block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
+        if self.max_frame_patches is not None and image_grid_thw is not None:
+            assert int(np.max(np.prod(np.asarray(image_grid_thw)[:, 1:], -1))) <= self.max_frame_patches
         for i in range(cfg.depth):
-            block = block_cls(cfg, self.dtype, self.param_dtype, self.attn_chunk, name=f"blocks_{i}")
-            x_ND = block(x_ND, cos_NDh, sin_NDh, win_N if cfg.is_window_block(i) else seg_N)
+            window = cfg.is_window_block(i)
+            span = cfg.max_window_patches if window else self.max_frame_patches
+            block = block_cls(cfg, self.dtype, self.param_dtype, self.attn_chunk, span, name=f"blocks_{i}")
+            x_ND = block(x_ND, cos_NDh, sin_NDh, win_N if window else seg_N)
         feats_MO = PatchMerger(cfg, self.dtype, self.param_dtype, name="merger")(x_ND)
         return jnp.take(feats_MO, jnp.asarray(metadata.unperm_M), axis=0)
 
