@@ -8,7 +8,12 @@ import pytest
 
 from ekipl_jax.rl import config, loss
 
-jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(autouse=True)
+def _strict_ranks():
+  with jax.numpy_rank_promotion("raise"):
+    yield
 B, C = 6, 5
 
 

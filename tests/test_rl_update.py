@@ -3,7 +3,6 @@
 The toy policy (also used by test_rl_distributed.py): embedding + dense + log_softmax over a small vocabulary,
 teacher-forced on batch["input_ids"]; the completion is the last C tokens.
 """
-import copy
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,12 @@ from ekipl_jax.rl import config, loss, update
 V, D, P, C = 13, 8, 3, 6
 
 
+@pytest.fixture(autouse=True)
+def _strict_ranks():
+  with jax.numpy_rank_promotion("raise"):
+    yield
+
+
 def toy_params(seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
   return {"embed": rng.normal(0, 0.5, (V, D)).astype(np.float32),
@@ -25,7 +30,7 @@ def toy_params(seed: int = 0) -> dict:
 
 def toy_logprob_fn(params, batch):
   ids_BT = batch["input_ids"]
-  logits_BTV = params["embed"][ids_BT[:, :-1]] @ params["w"] + params["b"]
+  logits_BTV = params["embed"][ids_BT[:, :-1]] @ params["w"] + params["b"][None, None]
   logp_BTV = jax.nn.log_softmax(logits_BTV)
   logp_BT = jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
   entropy_BT = -(jnp.exp(logp_BTV) * logp_BTV).sum(-1)
