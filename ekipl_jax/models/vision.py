@@ -15,8 +15,8 @@ attention segment of their own, so they never touch real patches; `pixel_values`
 pads with zeros) or already padded to `pad_to` (`pad_patches`). `pad_to` must be a multiple of U.
 
 Everything data dependent (rotary positions, per-frame segment ids, the Qwen2.5-VL window order, window segment ids and
-the inverse order) is host numpy from `vision_metadata`; the jitted compute sees only those arrays. Attention is dense
-over the N patches with a `segment_q == segment_k` mask (transformers' cu_seqlens semantics: one segment per frame of
+the inverse order) is host numpy from `vision_metadata`; the jitted compute sees only those arrays (under jit pass
+`metadata=`, not a traced image_grid_thw). Attention is softmax under a `segment_q == segment_k` mask (transformers' cu_seqlens semantics: one segment per frame of
 each image, or per window in Qwen2.5-VL window blocks), in query blocks of `attn_chunk`. Window blocks look only at
 the keys within `config.max_window_patches` of each query block (exact: windows are contiguous in compute order);
 full blocks do the same with `max_frame_patches` when given (a static promise about the largest frame), else O(N^2).
