@@ -160,3 +160,17 @@ def _opt_cfg():
   o = config.default().optimizer
   o.lr, o.schedule, o.warmup_steps, o.total_steps, o.weight_decay = 1e-2, "cosine", 1, 10, 0.1
   return o
+
+
+def test_config_defaults_and_schedules():
+  c = config.default()
+  assert (c.group_size, c.beta, c.kl_estimator, c.adv_eps, c.mu, c.optimizer.lr) == (8, 0.04, "k3", 1e-4, 1, 1e-6)
+  assert c.dual_clip is None and c.optimizer.grad_clip == 1.0
+  o = c.optimizer
+  o.lr, o.warmup_steps = 1.0, 0
+  assert float(update.lr_schedule(o)(5)) == 1.0
+  o.schedule = "cosine"
+  o.total_steps = 10
+  assert float(update.lr_schedule(o)(0)) == pytest.approx(1.0) and float(update.lr_schedule(o)(10)) == pytest.approx(0.0)
+  o.warmup_steps, o.schedule = 4, "constant"
+  assert float(update.lr_schedule(o)(2)) == pytest.approx(0.5) and float(update.lr_schedule(o)(9)) == 1.0

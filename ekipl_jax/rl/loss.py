@@ -10,7 +10,8 @@ External rows (is_external) replace J_it by, per cfg.external_treatment:
   'paper'      the same clipped J_it, pi_old = the old policy's own teacher-forced probability (Vision-EKIPL)
   'luffy'      f(pi_theta) A_i, f(p) = p / (p + gamma), never clipped; gradient through pi_theta (LUFFY)
   'importance' min(pi_theta / pi_behaviour, is_max) A_i from stored behaviour log-probs (truncated IS; above
-               is_max the term is constant, so no gradient); rows without behaviour log-probs use 'paper'
+               is_max the term is constant, so no gradient); rows with has_behaviour_B False use 'paper'
+               (has_behaviour_B None: every external row has them)
   'rlplus'     2 pi_theta / (pi_old + w) * A_i * (1 - sg(pi_theta))^0.5, w = (pi_old + 1) / 2, not clipped (RL-PLUS)
 
 Aggregation, returned as (loss_sum, denom) with loss = loss_sum / denom. Both are sums over rows, so k micro-batches

@@ -20,6 +20,10 @@ Non-finite skip: if the loss or any gradient entry is not finite, params and opt
 were (so the optimizer's count and the lr schedule do not advance) and state.skipped_steps grows by one.
 state.step counts train_step calls (batches consumed) and advances whether or not an update was applied; with
 mu > 1 each inner epoch is its own update and is skipped (or not) on its own.
+
+Metrics: loss and grad_norm (global, before clipping) are means over the mu inner epochs (loss_first_epoch is the
+loss at pi_old); kl, entropy, clip_low / clip_high (/ clip_dual) are per-token means and rho_{mean,min,max}/{policy,
+external} the ratio pi_theta / pi_old by source, all over every epoch; skipped (this call) and skipped_steps (total).
 """
 from typing import Any, Callable, Optional
 
@@ -126,9 +130,10 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
   def epoch(carry, _, mbs, old_kBC):
     params, opt_state, skipped = carry
     g_sum, ls_sum, d_sum, aux = accumulate(params, mbs, old_kBC)
-    grads = jax.tree.map(lambda g, p: (g / d_sum).astype(p.dtype), g_sum, params)
+    grads32 = jax.tree.map(lambda g: g / d_sum, g_sum)
     loss = ls_sum / d_sum
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.global_norm(grads32)  # before clipping, in float32
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads32, params)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
     updates, new_opt = optimizer.update(safe, opt_state, params)
