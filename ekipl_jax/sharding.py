@@ -93,22 +93,17 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules
     return jax.lax.with_sharding_constraint(x, logical_sharding(axes, mesh, rules, x.shape))
 
 
+_CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
+
+
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, **kwargs) -> None:
-    """Start multi-host JAX. No-op on a single process (nothing given and no cluster environment detected)."""
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
-        return
-    if coordinator_address is None and num_processes in (None, 1) and not _cluster_env():
+    """Start multi-host JAX (call once, before any other JAX call). No-op on a single process: nothing given and no
+    multi-process environment (coordinator variables, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1) detected."""
+    import os
+    multi = any(os.environ.get(k) for k in _CLUSTER_VARS) or \
+        int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    if coordinator_address is None and num_processes in (None, 1) and not multi:
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)
-
-
-def _cluster_env() -> bool:
-    import os
-    keys = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
-            "MEGASCALE_COORDINATOR_ADDRESS")
-    if os.environ.get("SLURM_NTASKS", "1") == "1" and os.environ.get("OMPI_COMM_WORLD_SIZE", "1") == "1" and \
-            not any(os.environ.get(k) for k in keys if k not in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")):
-        return False
-    return True
