@@ -16,7 +16,7 @@ Sharding: with `model.mesh` set, inputs are placed batch-sharded and the cache i
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import functools
 from typing import Any, Sequence
 
@@ -144,6 +144,22 @@ def _compiled(model, sp, C, num_samples, eos, pad_id, P):
     decode = jax.jit(functools.partial(_decode, model, sp, C, eos, pad_id, P), donate_argnums=(1,))
     _JITTED[key] = (model, prefill, decode)
     return prefill, decode
+
+
+@contextlib.contextmanager
+def count_compilations():
+    """`with count_compilations() as n: ...` then n[0] = XLA compilations (jit cache misses) inside the block."""
+    counter = [0]
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            counter[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield counter
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 # --------------------------------------------------------------------------------------------- entry point
