@@ -20,8 +20,14 @@ def token_logprobs(model, params, input_ids_BT, attention_mask_BT=None, pixel_va
         raise ValueError(f"targets_from={targets_from} must be in [1, {T - 1}]")
     h_BTD = model.apply(params, input_ids_BT, attention_mask_BT, pixel_values, image_grid_thw, mm_token_type_ids,
                         positions, vision_metadata, method="hidden")
-    h_BCD = h_BTD[:, targets_from - 1:T - 1]
-    targets_BC = jnp.asarray(input_ids_BT)[:, targets_from:]
+    return logprobs_from_hidden(model, params, h_BTD[:, targets_from - 1:T - 1],
+                                jnp.asarray(input_ids_BT)[:, targets_from:], temperature=temperature,
+                                chunk_size=chunk_size)
+
+
+def logprobs_from_hidden(model, params, h_BCD, targets_BC, *, temperature: float = 1.0, chunk_size: int = 128):
+    """logp_BC, entropy_BC of `targets_BC` given the hidden states h_BCD that predict them (position t-1 for t),
+    chunked over C with each chunk's logits rematerialised in the backward pass."""
     B, C, D = h_BCD.shape
     K = min(chunk_size, C)
     n = -(-C // K)

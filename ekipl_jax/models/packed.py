@@ -1,0 +1,92 @@
+"""Row-packed vision inputs: every row of a training batch carries its own images, padded to one patch budget.
+
+The processor returns the images of a whole batch concatenated (pixel_values [N, F], image_grid_thw [I, 3]), and the
+vision metadata (window order, segments) is global over the batch. That layout cannot be split into micro-batches or
+sharded over rows. Here each row r gets its images' patches in a fixed budget Np (a bucket), with row-local metadata;
+inside jit the metadata is offset per row, the tower runs on all R * Np patches at once (attention never crosses a
+row's images: every image and every row's padding is its own segment), and row r's merged features are placed at
+row r's image pad tokens. Rows may have different image sizes and counts.
+
+Legend: R rows, T tokens, Np patch budget per row, Mp = Np / merge_unit, F patch features, D width, C targets.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ekipl_jax.models import logprobs as logprobs_lib
+from ekipl_jax.models import vision as vision_lib
+from ekipl_jax.models.model import vision_config
+
+PACKED_KEYS = ("pixels_RNF", "patch_perm_RN", "pos_hw_RN2", "segment_ids_RN", "window_ids_RN", "unperm_RM")
+
+
+def pack_rows(model, pixel_values_NF: np.ndarray, image_grid_thw_Ix3: np.ndarray, images_per_row: Sequence[int],
+              patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+  """Host side. images_per_row[r] images (in order) belong to row r. The budget Np is the smallest bucket that holds
+  the largest row (or that row's size rounded up to the merge unit when no bucket is given)."""
+  vcfg = vision_config(model.config)
+  u = vcfg.merge_unit
+  grid = np.asarray(image_grid_thw_Ix3, np.int64).reshape(-1, 3)
+  patches_I = grid.prod(-1)
+  img_start = np.concatenate([[0], np.cumsum(images_per_row)]).astype(int)
+  patch_start = np.concatenate([[0], np.cumsum(patches_I)]).astype(int)
+  need = max(int(patches_I[img_start[r]:img_start[r + 1]].sum()) for r in range(len(images_per_row)))
+  fits = [b for b in sorted(patch_buckets) if b >= need and b % u == 0]
+  Np = fits[0] if fits else -(-need // u) * u
+  rows = {k: [] for k in PACKED_KEYS}
+  for r in range(len(images_per_row)):
+    i0, i1 = img_start[r], img_start[r + 1]
+    meta = vision_lib.vision_metadata(grid[i0:i1], vcfg, pad_to=Np)
+    px = np.asarray(pixel_values_NF[patch_start[i0]:patch_start[i1]], np.float32)
+    rows["pixels_RNF"].append(vision_lib.pad_patches(px, Np))
+    rows["patch_perm_RN"].append(meta.patch_perm_N)
+    rows["pos_hw_RN2"].append(meta.pos_hw_N2)
+    rows["segment_ids_RN"].append(meta.segment_ids_N)
+    rows["window_ids_RN"].append(meta.window_ids_N)
+    rows["unperm_RM"].append(meta.unperm_M)
+  return {k: np.stack(v) for k, v in rows.items()}
+
+
+def _global_metadata(packed: dict) -> vision_lib.VisionMetadata:
+  """Row-local metadata -> one metadata over R * Np patches: each row's indices and ids are offset by its row."""
+  R, Np = packed["patch_perm_RN"].shape
+  Mp = packed["unperm_RM"].shape[1]
+  off_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+  return vision_lib.VisionMetadata(
+      patch_perm_N=(packed["patch_perm_RN"] + off_R1 * Np).reshape(-1),
+      pos_hw_N2=packed["pos_hw_RN2"].reshape(R * Np, 2),
+      segment_ids_N=(packed["segment_ids_RN"] + off_R1 * Np).reshape(-1),  # ids < Np within a row
+      window_ids_N=(packed["window_ids_RN"] + off_R1 * Np).reshape(-1),
+      unperm_M=(packed["unperm_RM"] + off_R1 * Mp).reshape(-1))
+
+
+def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict):
+  """x_RTD: token embeddings with each row's vision features at its image pad tokens."""
+  x_RTD, _, _ = model.apply(params, input_ids_RT, None, None, None, None, positions_3RT, method="embed")
+  if packed is None or "pixels_RNF" not in packed:
+    return x_RTD
+  R, Np, F = packed["pixels_RNF"].shape
+  meta = _global_metadata(packed)
+  feats = model.apply(params, packed["pixels_RNF"].reshape(R * Np, F), metadata=meta,
+                      method=lambda m, px, metadata: m.visual(px, metadata=metadata))
+  feats_RMD = feats.reshape(R, -1, feats.shape[-1]).astype(x_RTD.dtype)
+  is_img_RT = input_ids_RT == model.config.image_token_id
+  rank_RT = jnp.clip(jnp.cumsum(is_img_RT.astype(jnp.int32), axis=1) - 1, 0, feats_RMD.shape[1] - 1)
+  gathered_RTD = jnp.take_along_axis(feats_RMD, rank_RT[..., None], axis=1)
+  return jnp.where(is_img_RT[..., None], gathered_RTD, x_RTD)
+
+
+def row_logprobs(model, params, batch: dict, *, targets_from: int, temperature: float = 1.0, chunk_size: int = 128):
+  """logp_RC, entropy_RC of input_ids[:, targets_from:] for a row-packed batch (keys: input_ids [R, T],
+  attention_mask [R, T], positions [R, 3, T], and optionally the PACKED_KEYS)."""
+  ids_RT, mask_RT = batch["input_ids"], batch["attention_mask"]
+  positions_3RT = jnp.swapaxes(batch["positions"], 0, 1)
+  x_RTD = embed_rows(model, params, ids_RT, positions_3RT, batch)
+  h_RTD, _ = model.apply(params, x_RTD, positions_3RT, mask_RT, method="decode")
+  T = ids_RT.shape[1]
+  return logprobs_lib.logprobs_from_hidden(model, params, h_RTD[:, targets_from - 1:T - 1], ids_RT[:, targets_from:],
+                                           temperature=temperature, chunk_size=chunk_size)

@@ -1,0 +1,28 @@
+"""Train: `python experiments/train.py --config configs/<x>.py [--config.key=value ...]`.
+
+Stage `sft` (CoT-SFT warm start), `rl` (GRPO / EKIPL) or `eval`, as `--config.stage` says. A rerun with the same workdir
+resumes from the latest checkpoint. An unknown `--config.key` is an error (ml_collections config_flags).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import logging  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", lock_config=True)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
+  from ekipl_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  trainer.run(_CONFIG.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
