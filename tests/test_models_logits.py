@@ -80,6 +80,14 @@ def test_rope_index_matches_transformers(pair, case):
     np.testing.assert_array_equal(np.asarray(jdelta), delta)
 
 
+def test_processor_dict_as_keywords(pair):
+    path, _, model, params = pair
+    inputs = F.make_inputs(path, CASES["left_padded"], seed=4)
+    np.testing.assert_array_equal(np.asarray(model.apply(params, **inputs)), apply(model, params, inputs))
+    as_jax = {k: jnp.asarray(v) for k, v in inputs.items()}
+    np.testing.assert_allclose(np.asarray(model.apply(params, **as_jax)), apply(model, params, inputs), atol=1e-6)
+
+
 def test_mm_token_type_ids_optional(pair):
     path, _, model, params = pair
     inputs = F.make_inputs(path, CASES["left_padded"], seed=4)

@@ -36,13 +36,12 @@ def _concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
-def rope_index(config: QwenVLConfig, input_ids_BT, attention_mask_BT=None, image_grid_thw=None,
-               mm_token_type_ids_BT=None):
+def rope_index(config: QwenVLConfig, input_ids, attention_mask=None, image_grid_thw=None, mm_token_type_ids=None):
     """positions_3BT, rope_deltas_B: host numpy when the inputs are concrete, in-graph jnp when traced."""
-    xp = np if _concrete(input_ids_BT, attention_mask_BT, image_grid_thw, mm_token_type_ids_BT) else jnp
-    ids = xp.asarray(input_ids_BT)
-    mask = xp.ones(ids.shape, xp.int32) if attention_mask_BT is None else xp.asarray(attention_mask_BT)
-    is_img = ids == config.image_token_id if mm_token_type_ids_BT is None else xp.asarray(mm_token_type_ids_BT) == 1
+    xp = np if _concrete(input_ids, attention_mask, image_grid_thw, mm_token_type_ids) else jnp
+    ids = xp.asarray(input_ids)
+    mask = xp.ones(ids.shape, xp.int32) if attention_mask is None else xp.asarray(attention_mask)
+    is_img = ids == config.image_token_id if mm_token_type_ids is None else xp.asarray(mm_token_type_ids) == 1
     grid = None if image_grid_thw is None else xp.asarray(image_grid_thw).reshape(-1, 3)
     return rope.mrope_positions(xp, is_img, mask, grid, config.spatial_merge_size)
 
@@ -78,32 +77,32 @@ class QwenVL(nn.Module):
     def _constrain(self, x, axes):
         return sharding.constrain(x, axes, self.mesh, self.rules)
 
-    def __call__(self, input_ids_BT, attention_mask=None, pixel_values=None, image_grid_thw=None,
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, positions=None, vision_metadata=None):
         """logits_BTV of the full sequence (no cache)."""
-        h_BTD = self.hidden(input_ids_BT, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, positions,
+        h_BTD = self.hidden(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, positions,
                             vision_metadata)
         return self.unembed(h_BTD)
 
-    def hidden(self, input_ids_BT, attention_mask=None, pixel_values=None, image_grid_thw=None,
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                mm_token_type_ids=None, positions=None, vision_metadata=None):
         """Final-norm hidden states h_BTD (what `unembed` turns into logits)."""
         if attention_mask is None:
-            attention_mask = jnp.ones(jnp.shape(input_ids_BT), jnp.int32)
-        x_BTD, pos_3BT, _ = self.embed(input_ids_BT, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+            attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
+        x_BTD, pos_3BT, _ = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
                                        positions, vision_metadata)
         h_BTD, _ = self.decode(x_BTD, pos_3BT, attention_mask)
         return h_BTD
 
-    def embed(self, input_ids_BT, attention_mask_BT=None, pixel_values=None, image_grid_thw=None,
+    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
               mm_token_type_ids=None, positions=None, vision_metadata=None):
         """x_BTD (token embeddings, vision features at image pad tokens), positions_3BT, rope_deltas_B."""
         c = self.config
         if positions is None:
-            positions, deltas_B = rope_index(c, input_ids_BT, attention_mask_BT, image_grid_thw, mm_token_type_ids)
+            positions, deltas_B = rope_index(c, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
         else:
             deltas_B = None
-        ids_BT = jnp.asarray(input_ids_BT)
+        ids_BT = jnp.asarray(input_ids)
         x_BTD = self.embed_tokens(ids_BT)
         if pixel_values is not None:
             if not self.with_vision:
@@ -112,15 +111,15 @@ class QwenVL(nn.Module):
                 feats_MD = self.visual(jnp.asarray(pixel_values), image_grid_thw=np.asarray(image_grid_thw))
             else:
                 feats_MD = self.visual(jnp.asarray(pixel_values), metadata=vision_metadata)
-            x_BTD = self._place_features(input_ids_BT, x_BTD, feats_MD.astype(x_BTD.dtype), image_grid_thw,
+            x_BTD = self._place_features(input_ids, x_BTD, feats_MD.astype(x_BTD.dtype), image_grid_thw,
                                          vision_metadata)
         return self._constrain(x_BTD, ("batch", "sequence", None)), jnp.asarray(positions), deltas_B
 
-    def _place_features(self, input_ids_BT, x_BTD, feats_MD, image_grid_thw, vision_metadata):
+    def _place_features(self, input_ids, x_BTD, feats_MD, image_grid_thw, vision_metadata):
         c = self.config
-        is_img_BT = jnp.asarray(input_ids_BT) == c.image_token_id
-        if _concrete(input_ids_BT) and vision_metadata is None:
-            n_tok = int(np.sum(np.asarray(input_ids_BT) == c.image_token_id))
+        is_img_BT = jnp.asarray(input_ids) == c.image_token_id
+        if _concrete(input_ids) and vision_metadata is None:
+            n_tok = int(np.sum(np.asarray(input_ids) == c.image_token_id))
             if n_tok != feats_MD.shape[0]:
                 raise ValueError(f"image pad tokens ({n_tok}, token id {c.image_token_id}) != image features "
                                  f"({feats_MD.shape[0]} from image_grid_thw {np.asarray(image_grid_thw).tolist()})")
@@ -158,10 +157,10 @@ def dummy_inputs(model: QwenVL) -> dict:
     """Smallest inputs that touch every parameter (one 2x2-patch image when the policy has a vision tower)."""
     c = model.config
     if not model.with_vision:
-        return dict(input_ids_BT=np.zeros((1, 2), np.int32))
+        return dict(input_ids=np.zeros((1, 2), np.int32))
     m = c.spatial_merge_size
     patch_dim = vision_config(c).patch_dim
-    return dict(input_ids_BT=np.array([[0, c.image_token_id]], np.int32), attention_mask=np.ones((1, 2), np.int32),
+    return dict(input_ids=np.array([[0, c.image_token_id]], np.int32), attention_mask=np.ones((1, 2), np.int32),
                 pixel_values=np.zeros((m * m, patch_dim), np.float32), image_grid_thw=np.array([[1, m, m]]))
 
 
