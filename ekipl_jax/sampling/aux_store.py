@@ -17,9 +17,10 @@ A record:
      "created_at": ISO-8601 str, "provenance": {...} (free-form: prompt version, API, request id, ...)}
 
 Reading is lazy: opening a store reads the `.idx` files only (a few tens of bytes per record) into a dict
-id -> [(shard, offset, length)]; `get(id)` seeks and reads just those byte ranges, so a lookup is O(1) and a store of
-a million responses is never read whole (the writer's resume also needs the index only). The writer appends a record to the shard, flushes it, then appends its
-index line, so a crash leaves at worst an unindexed tail that is ignored (a torn last index line is dropped).
+id -> [(source, sample, shard, offset, length)]; `get(id)` seeks and reads just those byte ranges, so a lookup is
+O(1) and a store of a million responses is never read whole (the writer's resume needs the index only). The writer
+appends a record to the shard, flushes it, then appends its index line, so a crash leaves at worst an unindexed tail
+that is ignored (a torn last index line is dropped, and cut by the next writer).
 Resume: the writer skips (id, source, sample) keys already indexed. One writer at a time.
 
 Contamination guard: `refuse_ids` (a set/collection of ids, or a callable id -> bool that is True for a refused id,
