@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.batch_size = 32                             # examples per step
   c.sft.lr = 2e-3                                   # peak learning rate (cosine, warm-up below)
   c.sft.warmup_steps = 30                           # linear warm-up steps
-  c.sft.max_completion = 96                         # completion tokens kept (target + EOS)
+  c.sft.max_completion = 128                        # completion tokens kept (target + EOS; ID targets <= 95)
   c.sft.num_examples = 1600                         # Reason-RFT stage 1 uses 1.6k examples per task
 
   # RL: GRPO / EKIPL.
@@ -53,14 +53,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.beta = 0.0                                   # no reference model in the demo (KL coefficient 0)
   c.rl.optimizer.lr = 5e-4                          # from-scratch tiny model: far above the 1e-6 of 7B runs
   c.rl.optimizer.warmup_steps = 0
-  c.rl.sampling.max_new_tokens = 64                 # completion budget
+  c.rl.sampling.max_new_tokens = 112                # completion budget (ID chains of thought <= 95 tokens)
   c.rl.sampling.temperature = 1.0                   # sampling temperature for policy samples
 
   c.aux.store = "results/demo/aux"                  # aux store folder written by precompute_aux
   c.aux.sources = ("solver_strong", "solver_weak")  # scripted external models: perfect and 60%-accurate solvers
 
   c.eval.every = 10                                 # RL steps between evaluations
-  c.eval.num_examples = 200                         # examples per eval split
-  c.eval.max_new_tokens = 64
+  c.eval.num_examples = 100                         # examples per eval split
+  c.eval.max_new_tokens = 160                       # OOD scenes (7-9 objects) need longer chains of thought
+  c.data.data_dir = "results/tfds"                  # TFDS folder for the generated dataset
   c.checkpoint.every = 10                           # RL/SFT steps between checkpoints
   return c

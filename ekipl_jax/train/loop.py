@@ -10,7 +10,6 @@ import os
 import time
 from typing import Callable
 
-import jax
 from tqdm import tqdm
 
 from ekipl_jax.train import checkpoint as checkpoint_lib
@@ -35,29 +34,27 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
     print(f"[{name}] resumed from {workdir}/checkpoints at step {start}")
   elif eval_fn is not None and eval_every > 0:
     writer.scalars(0, eval_fn(state, 0))
-  bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True)
-  for step in bar:
-    if step == cfg.fail_at_step:
-      ckpt.wait()
-      raise InjectedFailure(f"config.fail_at_step={step}")
-    t0 = time.perf_counter()
-    state, m = step_fn(state, step)
-    m = {**metrics_lib.to_python(m), "time/step_s": time.perf_counter() - t0}
-    done = step + 1
-    if "tokens" in m:
-      m["time/tokens_per_s"] = m["tokens"] / m["time/step_s"]
-    if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == total_steps):
-      m.update(eval_fn(state, done))
-    if done % cfg.log_every == 0 or done == total_steps:
-      writer.scalars(done, m)
-    bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items()
-                     if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")})
-    ckpt.save(done, state, {"step": done}, force=done == total_steps)
-  ckpt.close()
-  writer.close()
+  try:
+    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True)
+    for step in bar:
+      if step == cfg.fail_at_step:
+        raise InjectedFailure(f"config.fail_at_step={step}")
+      t0 = time.perf_counter()
+      state, m = step_fn(state, step)
+      m = {**metrics_lib.to_python(m), "time/step_s": time.perf_counter() - t0}
+      done = step + 1
+      if "tokens" in m:
+        m["time/tokens_per_s"] = m["tokens"] / m["time/step_s"]
+      if eval_fn is not None and eval_every > 0 and (done % eval_every == 0 or done == total_steps):
+        m.update(eval_fn(state, done))
+      if done % cfg.log_every == 0 or done == total_steps:
+        writer.scalars(done, m)
+      bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items()
+                       if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")})
+      ckpt.save(done, state, {"step": done}, force=done == total_steps)
+  finally:  # a failing step still leaves the last checkpoint complete on disk
+    ckpt.close()
+    writer.close()
   lines = metrics_lib.read_jsonl(writer.path) if os.path.exists(writer.path) else []
   return state, lines
 
-
-def block(tree):
-  return jax.block_until_ready(tree)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -41,7 +42,8 @@ class MetricWriter:
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    values = {f"{self.prefix}{k}": float(v) for k, v in values.items()}
+    # NaN marks "no such rows this step" (e.g. external metrics in plain GRPO): left out of the logs.
+    values = {f"{self.prefix}{k}": float(v) for k, v in values.items() if not math.isnan(float(v))}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **values}) + "\n")
     if self._tb is not None:

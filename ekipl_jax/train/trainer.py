@@ -64,13 +64,19 @@ def make_eval_fn(cfg, model, proc, builder, workdir: str):
   return eval_fn
 
 
+def init_state(params, optimizer) -> update.TrainState:
+  """The train state on the params' devices: optimizer moments take their params' shardings (jit propagation) and
+  the counters are replicated over the mesh."""
+  return jax.jit(lambda p: update.init_state(p, optimizer))(params)
+
+
 def run_sft(cfg, model, params, proc, builder, mesh):
   src = data_lib.source(builder, cfg.data.train_split)
   n = min(cfg.sft.num_examples, len(src))
   steps = cfg.sft.steps or -(-n // cfg.sft.batch_size)
   optimizer = sft.optimizer_for(cfg.sft, steps)
   step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk)
-  state = update.init_state(params, optimizer)
+  state = init_state(params, optimizer)
 
   def step_fn(state, i):
     examples = data_lib.read(src, data_lib.indices_for_step(len(src), cfg.seed, i, cfg.sft.batch_size, limit=n))
@@ -85,11 +91,9 @@ def run_sft(cfg, model, params, proc, builder, mesh):
 def run_rl(cfg, model, params, proc, builder, mesh):
   src = data_lib.source(builder, cfg.data.train_split)
   store = None
-  if cfg.rl.selection != "none" and cfg.aux.store:
+  if cfg.rl.selection != "none":  # contamination guard: no stored response may belong to an evaluation example
     eval_ids = {ex["id"] for s in cfg.data.eval_splits for ex in data_lib.first(data_lib.source(builder, s), 0)}
     store = aux_store.open_store(cfg.aux.store, refuse_ids=eval_ids)
-  elif cfg.rl.selection != "none":
-    raise ValueError(f"config key aux.store: selection {cfg.rl.selection!r} needs an auxiliary trajectory store")
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   ctx = rl.RLContext(cfg=cfg, model=model, proc=proc, train_src=src, store=store, mesh=mesh,
                      train_step=rl.build_step(model, cfg, optimizer),
@@ -97,7 +101,7 @@ def run_rl(cfg, model, params, proc, builder, mesh):
   # The reference keeps its own copy: the train state's params are donated to the update step.
   if ctx.ref_params is not None:
     ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
-  state = update.init_state(params, optimizer)
+  state = init_state(params, optimizer)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   state, lines = loop.run_loop("rl", cfg, cfg.workdir, state, cfg.rl.steps,
                                lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every)
@@ -106,6 +110,10 @@ def run_rl(cfg, model, params, proc, builder, mesh):
 
 def run(cfg) -> dict:
   """Runs the stage; returns {"hf": folder of the trained policy, "metrics": metric lines}."""
+  if cfg.stage not in ("sft", "rl", "eval"):
+    raise ValueError(f"config key stage: unknown stage {cfg.stage!r} (sft | rl | eval)")
+  if cfg.stage == "rl" and cfg.rl.selection != "none" and not cfg.aux.store:
+    raise ValueError(f"config key aux.store: selection {cfg.rl.selection!r} needs an auxiliary trajectory store")
   os.makedirs(cfg.workdir, exist_ok=True)
   with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
     f.write(cfg.to_json(indent=1))
@@ -116,10 +124,8 @@ def run(cfg) -> dict:
     return {"hf": init_from, "metrics": [metrics]}
   if cfg.stage == "sft":
     params, lines = run_sft(cfg, model, params, proc, builder, mesh)
-  elif cfg.stage == "rl":
-    params, lines = run_rl(cfg, model, params, proc, builder, mesh)
   else:
-    raise ValueError(f"config key stage: unknown stage {cfg.stage!r} (sft | rl | eval)")
+    params, lines = run_rl(cfg, model, params, proc, builder, mesh)
   out_dir = os.path.join(cfg.workdir, "hf")
   if jax.process_index() == 0:
     models.save_pretrained(model, params, out_dir, processor_dir=init_from)
