@@ -66,6 +66,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.aux = ml_collections.ConfigDict()
   c.aux.store = ""                            # auxiliary trajectory store folder (experiments/precompute_aux.py)
   c.aux.sources = ()                          # external model names to draw from, in source-id order (1..M)
+  c.aux.behaviour_tokenizer = ""              # stored behaviour log-probs are used only if made with this tokenizer
+                                              # (a name or path, as precompute_aux records it); "" = never
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100                          # RL steps between evaluations (0: only at the end)

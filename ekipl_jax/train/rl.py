@@ -77,7 +77,8 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
       tokenize=lambda t: processor_lib.encode_completion(proc, t), end_ids=[proc.eos_token_id],
       detokenize=lambda ids: proc.tokenizer.decode(ids, skip_special_tokens=True),
       eos_token_ids=[proc.eos_token_id], source_names=tuple(cfg.aux.sources),
-      k_per_source=rcfg.num_external_per_model, pad_id=proc.pad_token_id)
+      k_per_source=rcfg.num_external_per_model, pad_id=proc.pad_token_id,
+      tokenizer_name=cfg.aux.behaviour_tokenizer or None)
 
   # 3. rewards r_i; 4. selection of G rows per prompt; 5. advantages A_i over the kept group.
   row_examples = [examples[b] for b in g.prompt_index_R]
