@@ -96,6 +96,14 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules
 _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
 
+def to_host(x) -> np.ndarray:
+    """A global array as host numpy on every process (all-gathers the slices other hosts hold)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, **kwargs) -> None:
     """Start multi-host JAX (call once, before any other JAX call). No-op on a single process: nothing given and no

@@ -19,11 +19,13 @@ from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60),
-    "yellow": (230, 200, 30), "purple": (140, 60, 190), "gray": (128, 128, 128),
+    "yellow": (230, 200, 30), "purple": (140, 60, 190), "gray": (70, 70, 70),
 }
 SHAPES = ("cube", "sphere", "cylinder")
 SIZES = ("small", "large")
-BACKGROUND = (255, 255, 255)
+# The CLIP mean colour (the Qwen-VL image processor normalises with it): empty cells become ~zero input vectors, so
+# a from-scratch vision tower sees objects as signal rather than as a small change on a large constant.
+BACKGROUND = (122, 116, 104)
 HELD_OUT_PAIRS = frozenset({("red", "sphere"), ("blue", "cylinder"), ("green", "cube")})
 SPLITS = ("train", "test_id", "test_ood")
 QUESTION_KINDS = ("count", "subtract_all", "add", "subtract_n")

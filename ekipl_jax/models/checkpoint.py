@@ -198,7 +198,7 @@ def save_pretrained(model: model_lib.QwenVL, params: dict, out_dir: str, process
     tensors = {}
     for path, value in _paths(params["params"]):
         key, _, to_torch = hf_name(path, model.config, v5=False)
-        tensors[key] = np.ascontiguousarray(to_torch(np.asarray(jax.device_get(value))))
+        tensors[key] = np.ascontiguousarray(to_torch(sharding.to_host(value)))
     dtype = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
              np.dtype(np.float16): "float16"}.get(next(iter(tensors.values())).dtype, "float32")
     write_safetensors(os.path.join(out_dir, WEIGHTS), tensors)

@@ -18,7 +18,7 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int = 2, async_save: bool = True):
     self.every = every
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        directory if "://" in directory else os.path.abspath(directory),  # gs://... stays a bucket path
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=max(1, every), max_to_keep=keep, create=True,
             enable_async_checkpointing=async_save),

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 
 from ekipl_jax import rewards
-from ekipl_jax import sampling
+from ekipl_jax import sampling, sharding
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.train import report
 
@@ -40,7 +40,7 @@ def evaluate(model, params, proc, examples: Sequence[dict], *, scorer: str, ecfg
         max_new_tokens=ecfg.max_new_tokens, temperature=ecfg.temperature, top_p=ecfg.top_p, top_k=ecfg.top_k,
         eos_token_ids=[proc.eos_token_id], rng=jax.random.fold_in(rng, start), num_samples=k,
         pad_token_id=proc.pad_token_id, prompt_buckets=prompt_buckets)
-    tokens, lens = np.asarray(out.tokens), np.asarray(out.lengths)
+    tokens, lens = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
     for b, ex in enumerate(chunk):
       texts = [proc.tokenizer.decode(tokens[b * k + j, :lens[b * k + j]], skip_special_tokens=True)
                for j in range(k)]

@@ -60,11 +60,11 @@ def make_scratch_checkpoint(mcfg, dcfg, corpus: Sequence[str], out_dir: str, see
   return out_dir
 
 
-def load(mcfg, dcfg, path: str, mesh=None):
+def load(mcfg, dcfg, path: str, mesh=None, rules=models.sharding.RULES):
   """-> (model, params, processor) from an HF folder (weights and the processor files beside them)."""
   if not os.path.exists(os.path.join(path, "config.json")):
     raise FileNotFoundError(f"config key model.init_from: no config.json in {path!r}")
   model, params = models.load_pretrained(path, dtype=DTYPES[mcfg.param_dtype], mesh=mesh,
-                                         compute_dtype=DTYPES[mcfg.compute_dtype], remat=mcfg.remat)
+                                         compute_dtype=DTYPES[mcfg.compute_dtype], remat=mcfg.remat, rules=rules)
   proc = processor_lib.load(path, dcfg.min_pixels, dcfg.max_pixels)
   return model, params, proc

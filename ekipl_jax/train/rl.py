@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from ekipl_jax import rewards as rewards_lib
-from ekipl_jax import sampling
+from ekipl_jax import sampling, sharding
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import packed
 from ekipl_jax.rl import advantages, selection, update
@@ -72,6 +72,7 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
       max_new_tokens=rcfg.sampling.max_new_tokens, temperature=rcfg.sampling.temperature,
       top_p=rcfg.sampling.top_p, top_k=rcfg.sampling.top_k, eos_token_ids=[proc.eos_token_id], rng=rng,
       num_samples=rcfg.num_policy_samples, pad_token_id=proc.pad_token_id, prompt_buckets=(P,))
+  out = jax.tree.map(sharding.to_host, out)  # multi-host: every process sees every row
   g = groups_lib.assemble(
       pb["input_ids"], pb["attention_mask"], [ex["id"] for ex in examples], out, ctx.store,
       tokenize=lambda t: processor_lib.encode_completion(proc, t), end_ids=[proc.eos_token_id],

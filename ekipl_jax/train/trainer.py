@@ -29,10 +29,20 @@ def corpus(builder, cfg, n: int = 500) -> list[str]:
   return out
 
 
+def rules_from_config(overrides) -> sharding.Rules:
+  """sharding.RULES with the config's (logical axis, mesh axes) pairs replacing those of the same logical axis."""
+  over = {str(k): (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in overrides}
+  unknown = set(over) - {k for k, _ in sharding.RULES}
+  if unknown:
+    raise ValueError(f"config key mesh.rules: unknown logical axes {sorted(unknown)}")
+  return tuple((k, over.get(k, v)) for k, v in sharding.RULES)
+
+
 def setup(cfg):
-  if cfg.mesh.distributed:
-    sharding.init_distributed()
+  if cfg.mesh.distributed:  # TPU pods / SLURM / explicit JAX_COORDINATOR_ADDRESS: jax detects the cluster itself
+    jax.distributed.initialize()
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
+  rules = rules_from_config(cfg.mesh.rules)
   builder = data_lib.prepare(cfg.data)
   init_from = cfg.model.init_from
   if not init_from:
@@ -40,7 +50,7 @@ def setup(cfg):
       raise ValueError("config keys model.init_from / model.arch: give a checkpoint folder or an architecture")
     init_from = policy.make_scratch_checkpoint(cfg.model, cfg.data, corpus(builder, cfg),
                                                os.path.join(cfg.workdir, "init"), cfg.seed)
-  model, params, proc = policy.load(cfg.model, cfg.data, init_from, mesh)
+  model, params, proc = policy.load(cfg.model, cfg.data, init_from, mesh, rules)
   return mesh, builder, init_from, model, params, proc
 
 
