@@ -34,9 +34,18 @@ test: install-test
 test-fast: install-test
 	$(BIN)/python -m pytest -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
-# Benchmarks, side by side with the references; writes docs/BENCHMARKS.md.
-bench: install-test
+# Benchmarks, side by side with the references; writes docs/BENCHMARKS.md. tunix (a peer sampler) pins its own
+# jax / flax / transformers, so it gets its own venv; experiments/bench_tunix.py runs its side there.
+TUNIX_VENV := .venv-tunix
+
+$(TUNIX_VENV)/.installed:
+	$(PY) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/pip install -q --upgrade pip
+	$(TUNIX_VENV)/bin/pip install -q google-tunix==0.1.7
+	touch $@
+
+bench: install-test $(TUNIX_VENV)/.installed
 	$(BIN)/python experiments/bench.py --out docs/BENCHMARKS.md
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) $(TUNIX_VENV) results

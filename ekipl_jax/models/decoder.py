@@ -3,6 +3,11 @@
 Legend: B batch, T new tokens, S key slots (= T without a cache, = cache length with one), D width, H query heads,
 K kv heads, G = H / K, Dh head dim, F mlp width, L layers.
 
+Attention without a cache (the update step, log-probs) puts q, k, v head-major ([B, K, (G,) T, Dh]) before the
+two einsums: the [T, S] scores and probabilities then need no transposes in either pass (on CPU XLA otherwise inserts
+copies of them: a fifth of the update step's time before this; see docs/BENCHMARKS.md). The cached path (sampler)
+keeps the cache layout.
+
 Parameter names mirror transformers (`layers_i.self_attn.q_proj.kernel` <-> `layers.i.self_attn.q_proj.weight`);
 each parameter declares its logical axes once through `nn.with_logical_partitioning`.
 """
@@ -64,11 +69,19 @@ class Attention(nn.Module):
         else:
             k_BSKDh, v_BSKDh = k_BTKDh, v_BTKDh
         q_BTKGDh = q_BTHDh.reshape(B, T, K, H // K, Dh)
-        scores_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q_BTKGDh, k_BSKDh.astype(self.dtype),
-                                  preferred_element_type=jnp.float32) * (Dh ** -0.5)
+        k_BSKDh, v_BSKDh = k_BSKDh.astype(self.dtype), v_BSKDh.astype(self.dtype)
+        if k_cache_BSKDh is None:  # training / scoring: head-major operands, so no [T, S]-sized transposes (below)
+            q_, k_, v_ = (q_BTKGDh.transpose(0, 2, 3, 1, 4), k_BSKDh.transpose(0, 2, 1, 3),
+                          v_BSKDh.transpose(0, 2, 1, 3))
+            eq_scores, eq_out = "bkgtd,bksd->bkgts", "bkgts,bksd->bkgtd"
+        else:
+            q_, k_, v_ = q_BTKGDh, k_BSKDh, v_BSKDh
+            eq_scores, eq_out = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
+        scores_BKGTS = jnp.einsum(eq_scores, q_, k_, preferred_element_type=jnp.float32) * (Dh ** -0.5)
         scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
-        out_BTKGDh = jnp.einsum("bkgts,bskd->btkgd", probs_BKGTS, v_BSKDh.astype(self.dtype))
+        out = jnp.einsum(eq_out, probs_BKGTS, v_)
+        out_BTKGDh = out.transpose(0, 3, 1, 2, 4) if k_cache_BSKDh is None else out
         out_BTD = dense(c.hidden_size, ("heads", "embed"), False, self.dtype, self.param_dtype, "o_proj")(
             out_BTKGDh.reshape(B, T, H * Dh))
         if k_cache_BSKDh is None:
