@@ -64,8 +64,9 @@ def _global_metadata(packed: dict) -> vision_lib.VisionMetadata:
       unperm_M=(packed["unperm_RM"] + off_R1 * Mp).reshape(-1))
 
 
-def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict):
-  """x_RTD: token embeddings with each row's vision features at its image pad tokens."""
+def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_RT=None):
+  """x_RTD: token embeddings with each row's vision features at its image positions (is_img_RT; default: every
+  image pad token)."""
   x_RTD, _, _ = model.apply(params, input_ids_RT, None, None, None, None, positions_3RT, method="embed")
   if packed is None or "pixels_RNF" not in packed:
     return x_RTD
@@ -74,7 +75,9 @@ def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict):
   feats = model.apply(params, packed["pixels_RNF"].reshape(R * Np, F), metadata=meta,
                       method=lambda m, px, metadata: m.visual(px, metadata=metadata))
   feats_RMD = feats.reshape(R, -1, feats.shape[-1]).astype(x_RTD.dtype)
-  is_img_RT = input_ids_RT == model.config.image_token_id
+  if is_img_RT is None:
+    is_img_RT = input_ids_RT == model.config.image_token_id
+  is_img_RT = is_img_RT.astype(bool)
   rank_RT = jnp.clip(jnp.cumsum(is_img_RT.astype(jnp.int32), axis=1) - 1, 0, feats_RMD.shape[1] - 1)
   gathered_RTD = jnp.take_along_axis(feats_RMD, rank_RT[..., None], axis=1)
   return jnp.where(is_img_RT[..., None], gathered_RTD, x_RTD)
@@ -82,10 +85,10 @@ def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict):
 
 def row_logprobs(model, params, batch: dict, *, targets_from: int, temperature: float = 1.0, chunk_size: int = 128):
   """logp_RC, entropy_RC of input_ids[:, targets_from:] for a row-packed batch (keys: input_ids [R, T],
-  attention_mask [R, T], positions [R, 3, T], and optionally the PACKED_KEYS)."""
+  attention_mask [R, T], positions [R, 3, T], optionally mm_token_type_ids [R, T] and the PACKED_KEYS)."""
   ids_RT, mask_RT = batch["input_ids"], batch["attention_mask"]
   positions_3RT = jnp.swapaxes(batch["positions"], 0, 1)
-  x_RTD = embed_rows(model, params, ids_RT, positions_3RT, batch)
+  x_RTD = embed_rows(model, params, ids_RT, positions_3RT, batch, batch.get("mm_token_type_ids"))
   h_RTD, _ = model.apply(params, x_RTD, positions_3RT, mask_RT, method="decode")
   T = ids_RT.shape[1]
   return logprobs_lib.logprobs_from_hidden(model, params, h_RTD[:, targets_from - 1:T - 1], ids_RT[:, targets_from:],
