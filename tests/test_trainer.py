@@ -83,6 +83,8 @@ def test_sft_then_ekipl_resume_exactly(tmp_path):
   assert steps == [0, 1, 2, 3, 4]
   assert all("eval/test_id/accuracy" in l for l in full_rl["metrics"] if l["step"] in (0, 2, 4))
   assert all(l["groups/external_rows"] == 2.0 for l in full_rl["metrics"] if l["step"] > 0)
+  # The trainer scores the policy's own tokens exactly as the sampler drew them (health check of both code paths).
+  assert all(l["sampler_logp_diff_max"] < 1e-3 for l in full_rl["metrics"] if l["step"] > 0)
   # The trained policy folder is written and reloads.
   for f in ("config.json", "model.safetensors", "tokenizer.json"):
     assert os.path.exists(os.path.join(resumed_rl["hf"], f))

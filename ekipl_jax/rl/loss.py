@@ -162,6 +162,9 @@ def finalize_aux(aux: dict[str, Array]) -> dict[str, Array]:
   for name in ("kl", "entropy", "clip_low", "clip_high", "clip_dual"):
     if f"sum/{name}" in aux:
       out[name] = aux[f"sum/{name}"] / tok
+  if "sum/sampler_diff" in aux:
+    out["sampler_logp_diff"] = aux["sum/sampler_diff"] / jnp.maximum(aux["sum/sampler_tokens"], 1.0)
+    out["sampler_logp_diff_max"] = aux["max/sampler_diff"]
   for src in ("policy", "external"):
     n = aux[f"sum/rho/{src}_count"]
     nan = jnp.float32(jnp.nan)

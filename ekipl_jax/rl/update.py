@@ -21,6 +21,9 @@ were (so the optimizer's count and the lr schedule do not advance) and state.ski
 state.step counts train_step calls (batches consumed) and advances whether or not an update was applied; with
 mu > 1 each inner epoch is its own update and is skipped (or not) on its own.
 
+Optional batch key sampler_logp [B, C]: the sampler's log-probs of the policy rows' tokens; then the metrics hold
+sampler_logp_diff (mean |trainer - sampler| over policy tokens) and its max, a health check of the two code paths.
+
 Metrics: loss and grad_norm (global, before clipping) are means over the mu inner epochs (loss_first_epoch is the
 loss at pi_old); kl, entropy, clip_low / clip_high (/ clip_dual) are per-token means and rho_{mean,min,max}/{policy,
 external} the ratio pi_theta / pi_old by source, all over every epoch; skipped (this call) and skipped_steps (total).
@@ -101,6 +104,11 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
     loss_sum, denom, aux = rl_loss.grpo_loss(
         logp_BC, old, mb.get("ref_logp"), mb["advantages"], mb["mask"], mb["is_external"],
         mb.get("behaviour_logp"), cfg, has_behaviour_B=mb.get("has_behaviour"), entropy_BC=ent_BC)
+    if "sampler_logp" in mb:  # health check (as lmpo logs): sampler vs trainer log-probs of the policy's own tokens
+      m_BC = (mb["mask"] * (1 - mb["is_external"].astype(mb["mask"].dtype))[:, None]).astype(jnp.float32)
+      diff_BC = jnp.abs(jax.lax.stop_gradient(logp_BC) - mb["sampler_logp"])
+      aux = {**aux, "sum/sampler_diff": jnp.sum(diff_BC * m_BC), "sum/sampler_tokens": jnp.sum(m_BC),
+             "max/sampler_diff": jnp.max(diff_BC * m_BC)}
     return loss_sum, (denom, aux)
 
   def accumulate(params, mbs: dict, old_kBC: Optional[Array]):

@@ -37,13 +37,16 @@ class RLContext:
   last_group_text: str = ""
 
 
-def make_logprob_fn(model, P: int, chunk: int):
-  return lambda params, mb: packed.row_logprobs(model, params, mb, targets_from=P, chunk_size=chunk)
+def make_logprob_fn(model, P: int, chunk: int, temperature: float):
+  """log pi_theta of the completion tokens under softmax(logits / T), T the sampling temperature (as TRL's GRPO
+  scores them), so that for policy rows pi_old equals what the sampler drew from."""
+  return lambda params, mb: packed.row_logprobs(model, params, mb, targets_from=P, chunk_size=chunk,
+                                                temperature=temperature)
 
 
 @functools.lru_cache(maxsize=8)
-def _ref_fn(model, P: int, chunk: int):
-  return jax.jit(lambda params, b: make_logprob_fn(model, P, chunk)(params, b)[0])
+def _ref_fn(model, P: int, chunk: int, temperature: float):
+  return jax.jit(lambda params, b: make_logprob_fn(model, P, chunk, temperature)(params, b)[0])
 
 
 def build_step(model, cfg, optimizer):
@@ -52,7 +55,8 @@ def build_step(model, cfg, optimizer):
 
   def get(P: int):
     if P not in cache:
-      cache[P] = update.make_train_step(make_logprob_fn(model, P, cfg.model.logprob_chunk), optimizer, cfg.rl)
+      cache[P] = update.make_train_step(
+          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature), optimizer, cfg.rl)
     return cache[P]
   return get
 
@@ -96,10 +100,12 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
                               g.completion_mask_RC[keep], pv, grid,
                               [images_per_prompt[b] for b in g.prompt_index_R[keep]])
   batch.update(advantages=A_K, is_external=(g.source_R[keep] > 0), behaviour_logp=g.behaviour_logp_RC[keep],
-               has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0))
+               has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
+               sampler_logp=_sampler_logp(out, g, keep))
   batch = update.shard_batch(batch, ctx.mesh)
   if rcfg.beta != 0:
-    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk)(ctx.ref_params, batch)
+    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, rcfg.sampling.temperature)(
+        ctx.ref_params, batch)
   state, m = ctx.train_step(P)(state, batch)
 
   kept_src = g.source_R[keep]
@@ -113,6 +119,18 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
     metrics[f"reward/{name}"] = float(v[g.source_R == 0].mean())  # the policy's own score on its samples
   ctx.last_group_text = group_text(g, keep, r_R, A_K, kept_src, b=0)
   return state, metrics
+
+
+def _sampler_logp(out, g, keep: np.ndarray) -> np.ndarray:
+  """The sampler's temperature-scaled log-probs for the kept policy rows (0 for external rows)."""
+  plogp_NC = np.asarray(out.policy_logprobs, np.float32)
+  G = plogp_NC.shape[0] // (int(g.prompt_index_R.max()) + 1)
+  rows = np.zeros((len(keep), plogp_NC.shape[1]), np.float32)
+  for j, r in enumerate(keep):
+    if g.source_R[r] == 0:  # policy rows come first in each prompt's pool, in sampler order
+      b = g.prompt_index_R[r]
+      rows[j] = plogp_NC[b * G + (r - np.flatnonzero(g.prompt_index_R == b)[0])]
+  return rows
 
 
 def group_text(g, keep: np.ndarray, r_R: np.ndarray, A_K: np.ndarray, kept_src: np.ndarray, b: int) -> str:
