@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prompt_buckets = (96, 128, 192)            # left-padded prompt lengths (one compilation each)
 
   # SFT warm start on the scripted chain of thought.
-  c.sft.steps = 300                                 # optimizer steps
+  c.sft.steps = 150                                 # optimizer steps (leaves the policy far from perfect: room for RL)
   c.sft.batch_size = 32                             # examples per step
   c.sft.lr = 2e-3                                   # peak learning rate (cosine, warm-up below)
   c.sft.warmup_steps = 30                           # linear warm-up steps
@@ -44,14 +44,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.num_examples = 1600                         # Reason-RFT stage 1 uses 1.6k examples per task
 
   # RL: GRPO / EKIPL.
-  c.rl.steps = 40                                   # RL steps (one update each, mu = 1)
-  c.rl.batch_prompts = 8                            # prompts per step
+  c.rl.steps = 30                                   # RL steps (one update each, mu = 1)
+  c.rl.batch_prompts = 4                            # prompts per step
   c.rl.group_size = 8                               # G kept per prompt
   c.rl.num_policy_samples = 8                       # N policy samples per prompt
   c.rl.num_external_per_model = 1                   # K responses per external model in the pool
   c.rl.selection = "ekipl"                          # ekipl (top-G of the pool) | none (GRPO) | all | replace
   c.rl.beta = 0.0                                   # no reference model in the demo (KL coefficient 0)
-  c.rl.optimizer.lr = 5e-4                          # from-scratch tiny model: far above the 1e-6 of 7B runs
+  c.rl.optimizer.lr = 5e-5                          # tiny from-scratch model (1e-4 degraded both arms in our runs)
   c.rl.optimizer.warmup_steps = 0
   c.rl.sampling.max_new_tokens = 112                # completion budget (ID chains of thought <= 95 tokens)
   c.rl.sampling.temperature = 1.0                   # sampling temperature for policy samples
@@ -60,7 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.aux.sources = ("solver_strong", "solver_weak")  # scripted external models: perfect and 60%-accurate solvers
 
   c.eval.every = 10                                 # RL steps between evaluations
-  c.eval.num_examples = 100                         # examples per eval split
+  c.eval.num_examples = 64                          # examples per eval split
+  c.eval.batch_size = 64                            # one generation batch per split
   c.eval.max_new_tokens = 160                       # OOD scenes (7-9 objects) need longer chains of thought
   c.data.data_dir = "results/tfds"                  # TFDS folder for the generated dataset
   c.checkpoint.every = 10                           # RL/SFT steps between checkpoints

@@ -62,7 +62,7 @@ def main(argv):
 
   # 5-6: both arms from the same SFT checkpoint, same seeds.
   runs = {arm: [] for arm in ARMS}
-  finals = {arm: {} for arm in ARMS}
+  finals = {"SFT (RL start)": {}, **{arm: {} for arm in ARMS}}
   for seed in [int(s) for s in _SEEDS.value.split(",") if s]:
     for arm, overrides in ARMS.items():
       cfg = copy.deepcopy(base)
@@ -74,7 +74,11 @@ def main(argv):
       res = trainer.run(cfg)
       lines = res["metrics"]
       runs[arm].append(lines)
-      last = [l for l in lines if any(k.startswith("eval/") for k in l)][-1]
+      evals = [l for l in lines if any(k.startswith("eval/") for k in l)]
+      last = evals[-1]
+      if arm == "GRPO":  # the step-0 evaluation is the SFT checkpoint, shared by both arms of this seed
+        for split in base.data.eval_splits:
+          finals["SFT (RL start)"].setdefault(split, []).append(evals[0][f"eval/{split}/accuracy"])
       for split in base.data.eval_splits:
         finals[arm].setdefault(split, []).append(last[f"eval/{split}/accuracy"])
       print(f"[demo] {arm} seed {seed}: {time.time() - t0:.0f}s, "
@@ -88,9 +92,20 @@ def write_results(out, base, runs, finals, report, elapsed):
   md = report.write_results(out, finals, name="results")
   keys = [(f"eval/{s}/accuracy", f"{s} accuracy (%)") for s in splits] + [("reward/accuracy", "train accuracy reward")]
   report.plot_curves(os.path.join(out, "curves.png"), runs, keys)
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?") \
+      if os.path.exists("/proc/cpuinfo") else platform.processor()
   lines = ["# Demo results (measured by `make demo`)", "",
-           f"Synthetic counting, tiny Qwen2.5-VL from scratch, SFT then RL; {len(runs['GRPO'])} seed(s) per arm, "
-           f"{base.rl.steps} RL steps; total wall time {elapsed / 60:.1f} min.", "",
+           f"- command: `{' '.join(sys.argv)}` (the `make demo` target), {time.strftime('%Y-%m-%d')}",
+           f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores; jax {jax.__version__} "
+           f"({jax.default_backend()})",
+           f"- synthetic counting (train {base.data.num_train}, test_id / test_ood {base.data.num_test} each, "
+           f"{base.eval.num_examples} evaluated per split), a tiny Qwen2.5-VL from scratch, "
+           f"SFT {base.sft.steps} steps, then RL {base.rl.steps} steps x {base.rl.batch_prompts} prompts "
+           f"(G = {base.rl.group_size}, N = {base.rl.num_policy_samples}, K = {base.rl.num_external_per_model} per "
+           f"external solver, lr {base.rl.optimizer.lr}); {len(runs['GRPO'])} seed(s) per arm; "
+           f"total wall time {elapsed / 60:.1f} min.", "",
            "Final accuracy (%; mean ± std over seeds):", "", md, "",
            "RL step at which each arm first reaches GRPO's final accuracy (mean curve):", ""]
   for s in splits:
