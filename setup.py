@@ -22,6 +22,8 @@ setuptools.setup(
         "tokenizers",
         "pillow",
         "numpy",
+        "jinja2",  # transformers renders chat templates with it
+        "absl-py",
         "tqdm",
         "tensorboardX",
         "matplotlib",

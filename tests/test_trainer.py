@@ -85,6 +85,9 @@ def test_sft_then_ekipl_resume_exactly(tmp_path):
   assert all(l["groups/external_rows"] == 2.0 for l in full_rl["metrics"] if l["step"] > 0)
   # The trainer scores the policy's own tokens exactly as the sampler drew them (health check of both code paths).
   assert all(l["sampler_logp_diff_max"] < 1e-3 for l in full_rl["metrics"] if l["step"] > 0)
+  # One group's completions, policy and external side by side with rewards and advantages, are logged as text.
+  samples = open(os.path.join(str(tmp_path / "rl_full"), "samples.md")).read()
+  assert "| solver_strong | " in samples and "| policy | " in samples and "advantage" in samples
   # The trained policy folder is written and reloads.
   for f in ("config.json", "model.safetensors", "tokenizer.json"):
     assert os.path.exists(os.path.join(resumed_rl["hf"], f))

@@ -21,8 +21,10 @@ class InjectedFailure(RuntimeError):
 
 
 def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
-             step_fn: Callable, eval_fn: Callable | None, eval_every: int) -> tuple[object, list[dict]]:
-  """Runs steps [restored step, total_steps); returns the final state and this stage's metric lines."""
+             step_fn: Callable, eval_fn: Callable | None, eval_every: int,
+             text_fn: Callable[[], dict[str, str]] | None = None) -> tuple[object, list[dict]]:
+  """Runs steps [restored step, total_steps); returns the final state and this stage's metric lines.
+  text_fn: Markdown texts (e.g. one group's completions) logged at each evaluation step."""
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
                                      keep=cfg.checkpoint.keep)
   writer = metrics_lib.MetricWriter(workdir)
@@ -49,6 +51,9 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
         m.update(eval_fn(state, done))
       if done % cfg.log_every == 0 or done == total_steps:
         writer.scalars(done, m)
+      if text_fn is not None and (eval_every <= 0 or done % eval_every == 0 or done == total_steps):
+        for tag, body in text_fn().items():
+          writer.text(done, tag, body)
       bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items()
                        if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")})
       ckpt.save(done, state, {"step": done}, force=done == total_steps)

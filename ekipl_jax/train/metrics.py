@@ -51,8 +51,13 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
 
   def text(self, step: int, tag: str, body: str) -> None:
-    if self.enabled and self._tb is not None:
+    """TensorBoard text and `workdir/samples.md` (readable without TensorBoard)."""
+    if not self.enabled:
+      return
+    if self._tb is not None:
       self._tb.add_text(f"{self.prefix}{tag}", body, step)
+    with open(os.path.join(os.path.dirname(self.path), "samples.md"), "a") as f:
+      f.write(f"## step {step}: {self.prefix}{tag}\n\n{body}\n\n")
 
   def close(self) -> None:
     if self._tb is not None:

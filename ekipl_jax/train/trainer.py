@@ -114,7 +114,8 @@ def run_rl(cfg, model, params, proc, builder, mesh):
   state = init_state(params, optimizer)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   state, lines = loop.run_loop("rl", cfg, cfg.workdir, state, cfg.rl.steps,
-                               lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every)
+                               lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every,
+                               text_fn=lambda: {"group_of_first_prompt": ctx.last_group_text})
   return state.params, lines
 
 
