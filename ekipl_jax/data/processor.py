@@ -136,6 +136,16 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
   return fits[0]
 
 
+def bucket_for(examples: Sequence[dict], seqs: Sequence[Sequence[int]], buckets: Sequence[int], what: str,
+               config_key: str) -> int:
+  """The bucket of the longest sequence; sequences longer than every bucket are an error naming their ids."""
+  too_long = [_str(ex.get("id")) for ex, s in zip(examples, seqs) if len(s) > max(buckets)]
+  if too_long:
+    raise ValueError(f"{what} longer than {max(buckets)} tokens (config key {config_key}) for example ids "
+                     f"{too_long}")
+  return pick_bucket(max(len(s) for s in seqs), buckets)
+
+
 def pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, side: str) -> tuple[np.ndarray, np.ndarray]:
   """-> ids_BxL int32, mask_BxL int32."""
   ids_BL = np.full((len(seqs), length), pad_id, np.int32)
@@ -170,11 +180,7 @@ def prompt_batch(proc: Processor, examples: Sequence[dict], buckets: Sequence[in
   """-> input_ids [B, P], attention_mask [B, P], mm_token_type_ids [B, P] (1 at image tokens), pixel_values
   [N, F], image_grid_thw [I, 3]; prompts left padded, P = the smallest bucket >= the longest prompt."""
   ids, pixel_values_NxF, grid_Ix3 = encode_prompts(proc, examples, templates)
-  too_long = [_str(ex.get("id")) for ex, s in zip(examples, ids) if len(s) > max(buckets)]
-  if too_long:
-    raise ValueError(f"prompt longer than the largest bucket {max(buckets)} (config key data.prompt_buckets) for "
-                     f"example ids {too_long}")
-  length = pick_bucket(max(len(s) for s in ids), buckets)
+  length = bucket_for(examples, ids, buckets, "prompt", "data.prompt_buckets")
   input_ids_BP, mask_BP = pad(ids, length, proc.pad_token_id, "left")
   mm_BP = ((input_ids_BP == proc.image_token_id) & (mask_BP == 1)).astype(np.int32)
   return {"input_ids": input_ids_BP, "attention_mask": mask_BP, "mm_token_type_ids": mm_BP,
@@ -190,11 +196,7 @@ def sft_batch(proc: Processor, examples: Sequence[dict], prompt_buckets: Sequenc
   batch = prompt_batch(proc, examples, prompt_buckets, templates)
   completions = [encode_completion(proc, sft_target(_str(ex["cot"]), _str(ex["answer"])), add_eos=True)
                  for ex in examples]
-  too_long = [_str(ex.get("id")) for ex, c in zip(examples, completions) if len(c) > max(completion_buckets)]
-  if too_long:
-    raise ValueError(f"SFT target longer than {max(completion_buckets)} tokens (config key sft.max_completion) "
-                     f"for example ids {too_long}")
-  c_len = pick_bucket(max(len(c) for c in completions), completion_buckets)
+  c_len = bucket_for(examples, completions, completion_buckets, "SFT target", "sft.max_completion")
   comp_BC, comp_mask_BC = pad(completions, c_len, proc.pad_token_id, "right")
   input_ids_BT = np.concatenate([batch["input_ids"], comp_BC], 1)
   return {**batch, "input_ids": input_ids_BT,
