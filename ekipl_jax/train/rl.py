@@ -37,7 +37,7 @@ class RLContext:
   last_group_text: str = ""
 
 
-def make_logprob_fn(model, P: int, chunk: int, temperature: float):
+def make_logprob_fn(model, P: int, chunk: int, temperature: float = 1.0):
   """log pi_theta of the completion tokens under softmax(logits / T), T the sampling temperature (as TRL's GRPO
   scores them), so that for policy rows pi_old equals what the sampler drew from."""
   return lambda params, mb: packed.row_logprobs(model, params, mb, targets_from=P, chunk_size=chunk,
