@@ -3,10 +3,10 @@
 Legend: B batch, T new tokens, S key slots (= T without a cache, = cache length with one), D width, H query heads,
 K kv heads, G = H / K, Dh head dim, F mlp width, L layers.
 
-Attention without a cache (the update step, log-probs) puts q, k, v head-major ([B, K, (G,) T, Dh]) before the
-two einsums: the [T, S] scores and probabilities then need no transposes in either pass (on CPU XLA otherwise inserts
-copies of them: a fifth of the update step's time before this; see docs/BENCHMARKS.md). The cached path (sampler)
-keeps the cache layout.
+Attention puts q, k, v head-major ([B, K, (G,) T, Dh]) before the two einsums: the [T, S] scores and probabilities
+then need no transposes in either pass (on CPU XLA otherwise inserts copies of them: a fifth of the update step's time
+before this; see docs/BENCHMARKS.md). For the same reason a layer's KV cache buffer is head-major, [B, K, S, Dh]: with
+[B, S, K, Dh] XLA copied (transposed) every layer's cache twice per decode step.
 
 Parameter names mirror transformers (`layers_i.self_attn.q_proj.kernel` <-> `layers.i.self_attn.q_proj.weight`);
 each parameter declares its logical axes once through `nn.with_logical_partitioning`.
@@ -52,7 +52,9 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BTD, cos_BTDh, sin_BTDh, mask_BTS, k_cache_BSKDh=None, v_cache_BSKDh=None, cache_index=None):
+    def __call__(self, x_BTD, cos_BTDh, sin_BTDh, mask_BTS, k_cache_BKSDh=None, v_cache_BKSDh=None, cache_index=None):
+        """out_BTD, and with a cache (this layer's head-major buffers) the caches with the T new keys / values
+        written at slots cache_index .. cache_index+T-1 (None, None without one)."""
         c = self.config
         H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
         B, T, _ = x_BTD.shape
@@ -60,33 +62,47 @@ class Attention(nn.Module):
         k = dense(K * Dh, ("embed", "kv_heads"), True, self.dtype, self.param_dtype, "k_proj")(x_BTD)
         v = dense(K * Dh, ("embed", "kv_heads"), True, self.dtype, self.param_dtype, "v_proj")(x_BTD)
         q_BTHDh = apply_rotary(q.reshape(B, T, H, Dh), cos_BTDh, sin_BTDh)
-        k_BTKDh = apply_rotary(k.reshape(B, T, K, Dh), cos_BTDh, sin_BTDh)
-        v_BTKDh = v.reshape(B, T, K, Dh)
-        if k_cache_BSKDh is not None:
-            at = (0, cache_index, 0, 0)
-            k_BSKDh = jax.lax.dynamic_update_slice(k_cache_BSKDh, k_BTKDh.astype(k_cache_BSKDh.dtype), at)
-            v_BSKDh = jax.lax.dynamic_update_slice(v_cache_BSKDh, v_BTKDh.astype(v_cache_BSKDh.dtype), at)
+        k_BKTDh = apply_rotary(k.reshape(B, T, K, Dh), cos_BTDh, sin_BTDh).transpose(0, 2, 1, 3)
+        v_BKTDh = v.reshape(B, T, K, Dh).transpose(0, 2, 1, 3)
+        if k_cache_BKSDh is not None:
+            k_BKSDh = k_cache_BKSDh = write_cache(k_cache_BKSDh, k_BKTDh, cache_index)
+            v_BKSDh = v_cache_BKSDh = write_cache(v_cache_BKSDh, v_BKTDh, cache_index)
         else:
-            k_BSKDh, v_BSKDh = k_BTKDh, v_BTKDh
-        q_BTKGDh = q_BTHDh.reshape(B, T, K, H // K, Dh)
-        k_BSKDh, v_BSKDh = k_BSKDh.astype(self.dtype), v_BSKDh.astype(self.dtype)
-        if k_cache_BSKDh is None:  # training / scoring: head-major operands, so no [T, S]-sized transposes (below)
-            q_, k_, v_ = (q_BTKGDh.transpose(0, 2, 3, 1, 4), k_BSKDh.transpose(0, 2, 1, 3),
-                          v_BSKDh.transpose(0, 2, 1, 3))
-            eq_scores, eq_out = "bkgtd,bksd->bkgts", "bkgts,bksd->bkgtd"
-        else:
-            q_, k_, v_ = q_BTKGDh, k_BSKDh, v_BSKDh
-            eq_scores, eq_out = "btkgd,bskd->bkgts", "bkgts,bskd->btkgd"
-        scores_BKGTS = jnp.einsum(eq_scores, q_, k_, preferred_element_type=jnp.float32) * (Dh ** -0.5)
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(self.dtype)
-        out = jnp.einsum(eq_out, probs_BKGTS, v_)
-        out_BTKGDh = out.transpose(0, 3, 1, 2, 4) if k_cache_BSKDh is None else out
+            k_BKSDh, v_BKSDh = k_BKTDh, v_BKTDh
+        q_BKGTDh = q_BTHDh.reshape(B, T, K, H // K, Dh).transpose(0, 2, 3, 1, 4)
+        attend = _attend if k_cache_BKSDh is None else _attend_cached
+        out_BKGTDh = attend(q_BKGTDh, k_BKSDh.astype(self.dtype), v_BKSDh.astype(self.dtype), mask_BTS, self.dtype)
         out_BTD = dense(c.hidden_size, ("heads", "embed"), False, self.dtype, self.param_dtype, "o_proj")(
-            out_BTKGDh.reshape(B, T, H * Dh))
-        if k_cache_BSKDh is None:
-            return out_BTD, None, None
-        return out_BTD, k_BSKDh, v_BSKDh
+            out_BKGTDh.transpose(0, 3, 1, 2, 4).reshape(B, T, H * Dh))
+        return out_BTD, k_cache_BKSDh, v_cache_BKSDh
+
+
+def write_cache(cache_BKSDh, new_BKTDh, cache_index):
+    """The T new keys (or values) at slots cache_index .. cache_index+T-1; in place when the buffer is donated."""
+    return jax.lax.dynamic_update_slice(cache_BKSDh, new_BKTDh.astype(cache_BKSDh.dtype), (0, 0, cache_index, 0))
+
+
+def _attend(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
+    """Softmax attention on head-major operands (no cache): the two einsums are plain batched GEMMs over (b, k),
+    with no transposes of the [T, S] scores inserted around them by XLA on CPU."""
+    Dh = q_BKGTDh.shape[-1]
+    scores_BKGTS = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTDh, k_BKSDh, preferred_element_type=jnp.float32) \
+        * (Dh ** -0.5)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh)
+
+
+def _attend_cached(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
+    """`_attend` against the cache, with the scores computed keys-major ([.., S, (G, T)]: the keys are the GEMM's
+    left operand as they lie; as the right operand XLA's CPU GEMM repacks them on every decode step), then moved
+    (small) to [.., (G, T), S] for the softmax and the second einsum."""
+    Dh = q_BKGTDh.shape[-1]
+    scores_BKSGT = jnp.einsum("bksd,bkgtd->bksgt", k_BKSDh, q_BKGTDh, preferred_element_type=jnp.float32)
+    scores_BKGTS = scores_BKSGT.transpose(0, 1, 3, 4, 2) * (Dh ** -0.5)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
+    probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh)
 
 
 class MLP(nn.Module):

@@ -128,21 +128,25 @@ class QwenVL(nn.Module):
         return jnp.where(is_img_BT[..., None], feats_MD[rank], x_BTD)
 
     def decode(self, x_BTD, positions_3BT, attention_mask_BS, cache=None, cache_index=None):
-        """h_BTD, cache. Without a cache the mask is over the T tokens; with one ({"k","v": [L,B,S,K,Dh]}) the T new
-        tokens are written at slots cache_index .. cache_index+T-1 and `attention_mask_BS` covers all S slots
-        (1 = slot holds a real token, including the new ones)."""
+        """h_BTD, cache. Without a cache the mask is over the T tokens; with one the T new tokens are written at slots
+        cache_index .. cache_index+T-1 and `attention_mask_BS` covers all S slots (1 = slot holds a real token,
+        including the new ones). The cache is returned in the form given (see `init_cache`): per-layer head-major
+        buffers {"k", "v": tuple of L [B,K,S,Dh]}, each updated in place when the cache is donated (the sampler's
+        form), or stacked {"k", "v": [L,B,S,K,Dh]}, converted to and from that per call (copies of the cache)."""
         c = self.config
         cos_BTDh, sin_BTDh = rope.mrope_cos_sin(jnp.asarray(positions_3BT), c.head_dim, c.rope_theta,
                                                 c.mrope_section, self.dtype)
         mask_BTS = attention_mask(jnp.asarray(attention_mask_BS), x_BTD.shape[1],
                                   None if cache is None else cache_index)
-        ks, vs = [], []
+        L = len(self.layers)
+        k_layers, v_layers = ([None] * L, [None] * L) if cache is None else (_per_layer(cache["k"]),
+                                                                           _per_layer(cache["v"]))
         for i, layer in enumerate(self.layers):
-            kc, vc = (None, None) if cache is None else (cache["k"][i], cache["v"][i])
-            x_BTD, kc, vc = layer(x_BTD, cos_BTDh, sin_BTDh, mask_BTS, kc, vc, cache_index)
+            x_BTD, k_layers[i], v_layers[i] = layer(x_BTD, cos_BTDh, sin_BTDh, mask_BTS, k_layers[i], v_layers[i],
+                                                    cache_index)
             x_BTD = self._constrain(x_BTD, ("batch", "sequence", None))
-            ks.append(kc), vs.append(vc)
-        new_cache = None if cache is None else {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+        new_cache = None if cache is None else {"k": _in_form_of(cache["k"], k_layers),
+                                                "v": _in_form_of(cache["v"], v_layers)}
         return self.norm(x_BTD), new_cache
 
     def unembed(self, h_BTD):
@@ -164,8 +168,25 @@ def dummy_inputs(model: QwenVL) -> dict:
                 pixel_values=np.zeros((m * m, patch_dim), np.float32), image_grid_thw=np.array([[1, m, m]]))
 
 
-def init_cache(config: QwenVLConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Zero KV cache {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh]} with S = max_len slots."""
+def _per_layer(cache_part) -> list:
+    """A cache's "k" (or "v") as a list of L head-major [B,K,S,Dh] buffers."""
+    if isinstance(cache_part, (tuple, list)):
+        return list(cache_part)
+    return [c_BSKDh.transpose(0, 2, 1, 3) for c_BSKDh in cache_part]  # stacked [L,B,S,K,Dh]
+
+
+def _in_form_of(cache_part, layers_BKSDh: list):
+    if isinstance(cache_part, (tuple, list)):
+        return tuple(layers_BKSDh)
+    return jnp.stack([c_BKSDh.transpose(0, 2, 1, 3) for c_BKSDh in layers_BKSDh])
+
+
+def init_cache(config: QwenVLConfig, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool = False) -> dict:
+    """Zero KV cache with S = max_len slots: stacked {"k": [L,B,S,K,Dh], "v": [L,B,S,K,Dh]}, or with per_layer the
+    form the sampler keeps, {"k": tuple of L head-major [B,K,S,Dh], "v": ...} (see QwenVL.decode)."""
     c = as_config(config)
+    if per_layer:
+        shape = (batch, c.num_kv_heads, max_len, c.head_dim)
+        return {n: tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers)) for n in ("k", "v")}
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -11,8 +11,8 @@ Prompts are left padded; they are padded further (on the left) to a length bucke
 bucket, so varying lengths reuse compilations. The 3D positions and rope deltas are computed host-side
 (models.rope_index); a generated token n (0-based) of a row sits at position n_valid + rope_delta + n in all three
 streams, as in transformers. num_samples > 1 prefills each prompt once and repeats its cache rows.
-Sharding: with `model.mesh` set, inputs are placed batch-sharded and the cache is constrained to
-(layers, batch, sequence, kv_heads, head_dim) by the rules in ekipl_jax/sharding.py; params are used as placed.
+Sharding: with `model.mesh` set, inputs are placed batch-sharded and each layer's cache buffer is constrained to
+(batch, kv_heads, sequence, head_dim) by the rules in ekipl_jax/sharding.py; params are used as placed.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ekipl_jax.models import vision as vision_lib
 from ekipl_jax.models.model import init_cache, rope_index, vision_config
 from ekipl_jax.sampling.sample import SamplingParams, sample_step
 
-CACHE_AXES = ("layers", "batch", "sequence", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "sequence", "head_dim")  # of each layer's (head-major) buffer
 DEFAULT_PROMPT_BUCKETS = tuple(16 * 2 ** i for i in range(13))  # 16 .. 65536
 
 
@@ -82,12 +82,12 @@ def _prefill(model, sp: SamplingParams, C: int, num_samples: int, eos: tuple[int
     x_BPD, _, _ = model.apply(params, ids_BP, mask_BP, pixels_NpK, positions=pos_3BP, vision_metadata=vmeta,
                               method="embed")
     key_mask_BS = jnp.concatenate([mask_BP.astype(jnp.int32), jnp.ones((B, C), jnp.int32)], axis=1)
-    cache = init_cache(model.config, B, S, model.dtype)
+    cache = init_cache(model.config, B, S, model.dtype, per_layer=True)
     cache = jax.tree.map(lambda c: sharding.constrain(c, CACHE_AXES, model.mesh, model.rules), cache)
     h_BPD, cache = model.apply(params, x_BPD, pos_3BP, key_mask_BS, cache=cache, cache_index=0, method="decode")
     logits_BV = model.apply(params, h_BPD[:, -1:], method="unembed")[:, 0]
     rep = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis) if num_samples > 1 else a
-    cache = jax.tree.map(lambda c: sharding.constrain(rep(c, 1), CACHE_AXES, model.mesh, model.rules), cache)
+    cache = jax.tree.map(lambda c: sharding.constrain(rep(c), CACHE_AXES, model.mesh, model.rules), cache)
     logits_NV = rep(logits_BV)
     rng, key = jax.random.split(rng)
     tok_N, logp_N, plogp_N = sample_step(logits_NV, key, sp)

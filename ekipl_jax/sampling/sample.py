@@ -35,6 +35,13 @@ def _take(x_BV, idx_B):
     return jnp.take_along_axis(x_BV, idx_B[:, None], axis=-1)[:, 0]
 
 
+def _log_softmax_at(x_BV, idx_B):
+    """jax.nn.log_softmax(x_BV)[b, idx_B[b]] (the same arithmetic), without the [B, V] log-probs."""
+    max_B1 = jax.lax.stop_gradient(jnp.max(x_BV, axis=-1, keepdims=True))
+    lse_B = jnp.log(jnp.sum(jnp.exp(x_BV - max_B1), axis=-1))
+    return (_take(x_BV, idx_B) - max_B1[:, 0]) - lse_B
+
+
 def _nucleus(sorted_logits_Bk, top_p: float):
     """Mask (to -inf) the sorted-descending candidates beyond the top_p nucleus."""
     probs_Bk = jax.nn.softmax(sorted_logits_Bk, axis=-1)
@@ -48,23 +55,22 @@ def sample_step(logits_BV: jax.Array, rng: jax.Array, sp: SamplingParams):
     logits_BV = logits_BV.astype(jnp.float32)
     if sp.greedy:
         token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
-        policy_logp_B = _take(jax.nn.log_softmax(logits_BV, axis=-1), token_B)
+        policy_logp_B = _log_softmax_at(logits_BV, token_B)
         return token_B, jnp.zeros_like(policy_logp_B), policy_logp_B
     scaled_BV = logits_BV / sp.temperature
-    policy_logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
     V = scaled_BV.shape[-1]
     k = sp.top_k if 0 < sp.top_k < V else (V if sp.top_p < 1.0 else 0)
     if k == 0:  # plain sampling from the tempered distribution
         token_B = jax.random.categorical(rng, scaled_BV, axis=-1).astype(jnp.int32)
-        logp_B = _take(policy_logp_BV, token_B)
+        logp_B = _log_softmax_at(scaled_BV, token_B)
         return token_B, logp_B, logp_B
     cand_Bk, cand_idx_Bk = jax.lax.top_k(scaled_BV, k)  # sorted descending
     if sp.top_p < 1.0:
         cand_Bk = _nucleus(cand_Bk, sp.top_p)
     choice_B = jax.random.categorical(rng, cand_Bk, axis=-1)
     token_B = _take(cand_idx_Bk, choice_B).astype(jnp.int32)
-    logp_B = _take(jax.nn.log_softmax(cand_Bk, axis=-1), choice_B)
-    return token_B, logp_B, _take(policy_logp_BV, token_B)
+    logp_B = _log_softmax_at(cand_Bk, choice_B)
+    return token_B, logp_B, _log_softmax_at(scaled_BV, token_B)
 
 
 def truncated_probs(logits_BV: jax.Array, sp: SamplingParams) -> jax.Array:
