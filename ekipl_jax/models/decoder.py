@@ -26,8 +26,24 @@ Dtype = Any
 _init = nn.initializers.normal(0.02)
 
 
-def dense(features: int, axes: tuple[str, str], bias: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name,
+def dot_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """lax.dot_general accumulating in float32 whatever the operands' dtype (the result is float32)."""
+    del preferred_element_type
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+
+
+class Dense(nn.Dense):
+    """nn.Dense (same parameters) whose matmul accumulates in float32 and whose output is rounded once to `dtype`.
+    What TPU and GPU GEMMs do for bfloat16 anyway; on CPU it also selects XLA's fast bf16 x bf16 -> f32 kernels (a
+    bf16-output dot there is as slow as float32: docs/BENCHMARKS.md)."""
+    dot_general: Any = dot_f32
+
+    def __call__(self, inputs):
+        return super().__call__(inputs).astype(self.dtype)
+
+
+def dense(features: int, axes: tuple[str, str], bias: bool, dtype: Dtype, param_dtype: Dtype, name: str) -> Dense:
+    return Dense(features, use_bias=bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=nn.with_logical_partitioning(_init, axes),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]))
 

@@ -22,7 +22,7 @@ import numpy as np
 from ekipl_jax import sharding
 from ekipl_jax.models import rope
 from ekipl_jax.models.config import QwenVLConfig, as_config
-from ekipl_jax.models.decoder import DecoderLayer, RMSNorm, attention_mask
+from ekipl_jax.models.decoder import Dense, DecoderLayer, RMSNorm, attention_mask, dot_f32
 
 try:  # the vision tower is another module; text-only paths work without it
     from ekipl_jax.models import vision as _vision
@@ -69,7 +69,7 @@ class QwenVL(nn.Module):
         self.layers = [layer(c, dt, pdt, name=f"layers_{i}") for i in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, dt, pdt)
         if not c.tie_word_embeddings:
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=
+            self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=
                                     nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))
         if self.with_vision:
             self.visual = _vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
@@ -151,7 +151,9 @@ class QwenVL(nn.Module):
 
     def unembed(self, h_BTD):
         if self.config.tie_word_embeddings:
-            logits_BTV = self.embed_tokens.attend(h_BTD)
+            emb_VD = self.embed_tokens.embedding.astype(self.dtype)  # nn.Embed.attend, accumulating in float32
+            logits_BTV = dot_f32(h_BTD.astype(self.dtype), emb_VD, (((h_BTD.ndim - 1,), (1,)), ((), ()))
+                                 ).astype(self.dtype)
         else:
             logits_BTV = self.lm_head(h_BTD)
         return self._constrain(logits_BTV, ("batch", "sequence", "vocab"))
