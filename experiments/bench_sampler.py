@@ -1,13 +1,20 @@
 """Sampler throughput: ekipl_jax.sampling.generate vs transformers `generate` (torch), same weights, same machine.
 
 A ~40M-parameter Qwen2.5-VL (text: hidden 512, 8 layers, 8 heads, 2 kv heads, mlp 1536, vocab 8192; a 2-block
-vision tower) is built by transformers with a fixed seed and saved; both sides load that folder. Batch 16 text
-prompts of 64 tokens, 128 new tokens, sampling (temperature 0.9, top-p 0.9, top-k 50) with EOS disabled so every row
-makes exactly 128 tokens. Tokens/s = batch * new tokens / wall time of one call (prefill included), median over
-`repeats` calls after one warm-up call (compilation excluded). Also: XLA compilations during calls with other prompt
-lengths after warm-up (they fall into the same length bucket, so the expected count is 0).
+vision tower) is built by transformers with a fixed seed and saved; both sides load that folder, in the same dtype
+(float32, then bfloat16). Batch 16 text prompts of 64 tokens, 128 new tokens, sampling (temperature 0.9, top-p 0.9,
+top-k 50) with EOS disabled so every row makes exactly 128 tokens. Tokens/s = batch * new tokens / wall time of one
+call (prefill included), median over `repeats` calls after one warm-up call (compilation excluded).
 
-    python experiments/bench_sampler.py [--repeats 3]      # prints a JSON dict; `run(...)` returns it
+Also measured, to explain the ratio:
+  - our prefill alone (a call with max_new_tokens=1) and so our decode step;
+  - the decode step's weight matmuls alone, at the same batch, on both sides (`matmul_chain_*`): per layer
+    q/k/v/o and gate/up/down, then the lm head, chained as in the model, as a jit loop (ours) or eager torch
+    (`F.linear`). They bound what any sampler built on that GEMM can reach: ours can be at most
+    hf_s_per_call / (prefill + (new_tokens - 1) * matmul chain) faster than transformers here (`speedup_bound`);
+  - XLA compilations during calls with other prompt lengths after warm-up (same length bucket: expected 0).
+
+    python experiments/bench_sampler.py [--repeats 3] [--dtypes float32,bfloat16]   # prints a JSON dict
 """
 from __future__ import annotations
 
@@ -47,77 +54,145 @@ def _prompts(batch: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return ids, np.ones_like(ids)
 
 
-def bench_ours(path: str, ids, mask, new_tokens: int, repeats: int, sampling: dict) -> dict:
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_chain_ours(params, batch: int, steps: int = 32, repeats: int = 3) -> float:
+    """Seconds per decode step of the model's weight matmuls alone (jit loop, operands in the params' dtype,
+    float32 accumulation as in models.decoder.Dense)."""
     import jax
+    import jax.numpy as jnp
+    from ekipl_jax.models.decoder import dot_f32
+    p = params["params"]
+    names = sorted((k for k in p if k.startswith("layers_")), key=lambda k: int(k.split("_")[1]))
+    layers = [tuple(p[n][m][w]["kernel"] for m, w in [("self_attn", "q_proj"), ("self_attn", "k_proj"),
+                                                    ("self_attn", "v_proj"), ("self_attn", "o_proj"),
+                                                    ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")])
+              for n in names]
+    head = p["lm_head"]["kernel"] if "lm_head" in p else p["embed_tokens"]["embedding"].T
+
+    def mm(x, w):
+        return dot_f32(x.astype(w.dtype), w, (((1,), (0,)), ((), ())))
+
+    @jax.jit
+    def run(layers, head, x_BD):
+        def step(_, x_BD):
+            for q, k, v, o, g, u, d in layers:
+                kv = jnp.mean(mm(x_BD, k), 1, keepdims=True) + jnp.mean(mm(x_BD, v), 1, keepdims=True)
+                x_BD = x_BD + 1e-3 * (mm(mm(x_BD, q), o) + kv)
+                x_BD = x_BD + 1e-3 * mm(jax.nn.silu(mm(x_BD, g)) * mm(x_BD, u), d)
+            return x_BD + 1e-6 * jnp.mean(mm(x_BD, head), 1, keepdims=True)
+        return jax.lax.fori_loop(0, steps, step, x_BD)
+
+    x_BD = jnp.ones((batch, head.shape[0]), jnp.float32)
+    return _median_time(lambda: run(layers, head, x_BD).block_until_ready(), repeats) / steps
+
+
+def matmul_chain_torch(model, batch: int, steps: int = 32, repeats: int = 3) -> float:
+    """The same chain with transformers' weights through `F.linear` (what its nn.Linear layers call), eager."""
+    import torch
+    F = torch.nn.functional
+    lm = model.model.language_model
+    dtype = model.lm_head.weight.dtype
+
+    def run():
+        x = torch.ones(batch, lm.config.hidden_size, dtype=dtype)
+        for _ in range(steps):
+            for layer in lm.layers:
+                a, m = layer.self_attn, layer.mlp
+                kv = F.linear(x, a.k_proj.weight).mean(1, keepdim=True) + F.linear(x, a.v_proj.weight).mean(
+                    1, keepdim=True)
+                x = x + 1e-3 * (F.linear(F.linear(x, a.q_proj.weight), a.o_proj.weight) + kv)
+                x = x + 1e-3 * F.linear(F.silu(F.linear(x, m.gate_proj.weight)) * F.linear(x, m.up_proj.weight),
+                                        m.down_proj.weight)
+            x = x + 1e-6 * F.linear(x, model.lm_head.weight).mean(1, keepdim=True)
+        return x
+
+    with torch.inference_mode():
+        return _median_time(run, repeats) / steps
+
+
+def bench_ours(path: str, ids, mask, new_tokens: int, repeats: int, sampling: dict, dtype: str) -> dict:
+    import jax
+    import jax.numpy as jnp
     from ekipl_jax.models.checkpoint import load_pretrained
     from ekipl_jax.sampling import generate
     from ekipl_jax.sampling.generate import count_compilations
 
-    model, params = load_pretrained(path)
+    model, params = load_pretrained(path, dtype=jnp.dtype(dtype))
     n_params = sum(x.size for x in jax.tree.leaves(params))
 
-    def call(ids_, mask_, seed):
-        out = generate(model, params, ids_, mask_, max_new_tokens=new_tokens, eos_token_ids=[],
-                       rng=jax.random.key(seed), **sampling)
+    def call(ids_, mask_, seed, n=new_tokens):
+        out = generate(model, params, ids_, mask_, max_new_tokens=n, eos_token_ids=[], rng=jax.random.key(seed),
+                       **sampling)
         return np.asarray(out.tokens)
 
     t = time.perf_counter()
-    call(ids, mask, 0)
+    tokens = call(ids, mask, 0)
     warm_s = time.perf_counter() - t
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        tokens = call(ids, mask, i + 1)
-        times.append(time.perf_counter() - t)
     assert tokens.shape == (ids.shape[0], new_tokens)
+    seeds = iter(range(1, 10 ** 6))
+    sec = _median_time(lambda: call(ids, mask, next(seeds)), repeats)
+    prefill = _median_time(lambda: call(ids, mask, next(seeds), 1), repeats)
     with count_compilations() as n:
         for length in (40, 50, 57, 63):
             call(*_prompts(ids.shape[0], length, length), length)
-    sec = statistics.median(times)
     return dict(ours_tokens_per_s=ids.shape[0] * new_tokens / sec, ours_s_per_call=sec,
-                ours_first_call_s=warm_s, ours_compilations_after_warmup=n[0], params=int(n_params),
-                jax_devices=str(jax.devices()))
+                ours_first_call_s=warm_s, ours_prefill_s=prefill,
+                ours_decode_step_s=(sec - prefill) / max(new_tokens - 1, 1),
+                ours_matmul_chain_s=matmul_chain_ours(params, ids.shape[0]),
+                ours_compilations_after_warmup=n[0], params=int(n_params), jax_devices=str(jax.devices()))
 
 
-def bench_transformers(path: str, ids, mask, new_tokens: int, repeats: int, sampling: dict) -> dict:
+def bench_transformers(path: str, ids, mask, new_tokens: int, repeats: int, sampling: dict, dtype: str) -> dict:
     import torch
     import transformers
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="sdpa").eval()
+        path, dtype=getattr(torch, dtype), attn_implementation="sdpa").eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=True, eos_token_id=None,
               pad_token_id=0, **sampling)
     ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+    out = []
 
-    def call(seed):
-        torch.manual_seed(seed)
+    def call():
         with torch.inference_mode():
-            return model.generate(input_ids=ids_t, attention_mask=mask_t, **kw)
+            out.append(model.generate(input_ids=ids_t, attention_mask=mask_t, **kw))
 
-    call(0)
-    times = []
-    for i in range(repeats):
-        t = time.perf_counter()
-        out = call(i + 1)
-        times.append(time.perf_counter() - t)
-    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
-    sec = statistics.median(times)
+    torch.manual_seed(0)
+    sec = _median_time(call, repeats)
+    assert out[-1].shape == (ids.shape[0], ids.shape[1] + new_tokens), out[-1].shape
     return dict(hf_tokens_per_s=ids.shape[0] * new_tokens / sec, hf_s_per_call=sec,
+                hf_step_s=sec / new_tokens, hf_matmul_chain_s=matmul_chain_torch(model, ids.shape[0]),
                 torch_threads=torch.get_num_threads(), transformers=transformers.__version__)
 
 
 def run(batch: int = 16, prompt_len: int = 64, new_tokens: int = 128, repeats: int = 3, seed: int = 0,
-        model_dir: str | None = None) -> dict:
-    """Both figures, their ratio (ours / transformers) and the compilation count after warm-up."""
+        dtypes: tuple[str, ...] = ("float32", "bfloat16"), model_dir: str | None = None) -> dict:
+    """Per dtype: both figures, their ratio (ours / transformers), the matmul-chain figures and the bound they set;
+    the float32 ratio is also `speedup`."""
     sampling = dict(temperature=0.9, top_p=0.9, top_k=50)
     ids, mask = _prompts(batch, prompt_len, seed)
+    res = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, **sampling)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(model_dir or tmp, seed)
-        res = dict(batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats, **sampling)
-        res.update(bench_transformers(path, ids, mask, new_tokens, repeats, sampling))
-        res.update(bench_ours(path, ids, mask, new_tokens, repeats, sampling))
-    res["speedup"] = res["ours_tokens_per_s"] / res["hf_tokens_per_s"]
+        for dtype in dtypes:
+            r = bench_transformers(path, ids, mask, new_tokens, repeats, sampling, dtype)
+            r.update(bench_ours(path, ids, mask, new_tokens, repeats, sampling, dtype))
+            r["speedup"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
+            r["speedup_bound"] = r["hf_s_per_call"] / (r["ours_prefill_s"] + (new_tokens - 1) *
+                                                       r["ours_matmul_chain_s"])
+            res[dtype] = r
+    res["speedup"] = res[dtypes[0]]["speedup"]
+    res["ours_compilations_after_warmup"] = max(res[d]["ours_compilations_after_warmup"] for d in dtypes)
     print(json.dumps(res, indent=1))
     return res
 
@@ -128,5 +203,6 @@ if __name__ == "__main__":
     ap.add_argument("--prompt_len", type=int, default=64)
     ap.add_argument("--new_tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
     a = ap.parse_args()
-    run(a.batch, a.prompt_len, a.new_tokens, a.repeats)
+    run(a.batch, a.prompt_len, a.new_tokens, a.repeats, dtypes=tuple(a.dtypes.split(",")))
