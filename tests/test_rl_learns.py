@@ -7,7 +7,8 @@ completion text: the fraction of the C completion slots that hold the TARGET tok
 leaves the remaining slots empty). A random policy scores ~1 / V; the policy that always emits TARGET scores 1.
 
 The expected reward is measured before and after training on the same prompts with the same sampling key and many
-samples, so the margin asserted is far beyond sampling noise (std of one measurement < 0.02).
+samples, so the margin asserted is far beyond sampling noise (std of one measurement < 0.02). With the advantage's
+sign flipped in rl/advantages.py both cases fail (the expected reward falls to ~0.00).
 """
 import types
 
@@ -86,15 +87,16 @@ def expected_reward(model, params, ids_BP, mask_BP) -> float:
   return float(np.mean([reward(t) for t in g.texts]))
 
 
-def rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step: int, sign: float = 1.0):
+def rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step: int):
   """One GRPO / EKIPL step as train/rl.py does it, minus the dataset and the processor."""
-  out = sample(model, state.params, ids_BP, mask_BP, cfg.num_policy_samples, jax.random.fold_in(jax.random.key(0), step))
+  rng = jax.random.fold_in(jax.random.key(0), step)
+  out = sample(model, state.params, ids_BP, mask_BP, cfg.num_policy_samples, rng)
   g = groups_lib.assemble(ids_BP, mask_BP, [str(b) for b in range(B)], out, store, tokenize=tokenize,
                           detokenize=detokenize, end_ids=[EOS], eos_token_ids=[EOS],
                           source_names=("oracle",) if store else (), k_per_source=1, pad_id=PAD)
   r_R = np.array([reward(t) for t in g.texts])
   keep, _ = selection.select(r_R, g.source_R, g.prompt_index_R, cfg)
-  A_K = sign * advantages.compute(r_R[keep], g.prompt_index_R[keep], g.source_R[keep], cfg)
+  A_K = advantages.compute(r_R[keep], g.prompt_index_R[keep], g.source_R[keep], cfg)
   batch = batching.rows_batch(model, g.prompt_ids_RP[keep], g.prompt_mask_RP[keep], g.completion_ids_RC[keep],
                               g.completion_mask_RC[keep])
   batch.update(advantages=A_K, is_external=g.source_R[keep] > 0)
@@ -102,7 +104,7 @@ def rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step: int, si
   return state, float(r_R[g.source_R == 0].mean())
 
 
-def train(selection_mode: str, store, sign: float = 1.0) -> tuple[float, float, list[float]]:
+def train(selection_mode: str, store) -> tuple[float, float, list[float]]:
   """(expected reward before, after STEPS steps, the sampled policy reward of each step)."""
   model, params = tiny_policy()
   ids_BP, mask_BP = prompts()
@@ -113,7 +115,7 @@ def train(selection_mode: str, store, sign: float = 1.0) -> tuple[float, float, 
   state = update.init_state(params, optimizer)
   curve = []
   for step in range(STEPS):
-    state, r = rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step, sign)
+    state, r = rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step)
     curve.append(r)
   return before, expected_reward(model, state.params, ids_BP, mask_BP), curve
 
