@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.shape = (-1, 1, 1)                   # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = ()                           # logical-axis overrides ((logical, mesh_axis), ...); () = defaults
   c.mesh.distributed = False                  # call jax.distributed.initialize() (multi-host TPU pods / GPUs)
+  c.mesh.coordinator_address = ""             # distributed: "host:port" of process 0 ("" = JAX detects it)
+  c.mesh.num_processes = 0                    # distributed: processes in the run (0 = JAX detects it)
+  c.mesh.process_id = -1                      # distributed: this process's index (-1 = JAX detects it)
 
   c.data = ml_collections.ConfigDict()
   c.data.builder = "reason_rft_cot"           # TFDS builder: reason_rft_cot | synthetic_reasoning

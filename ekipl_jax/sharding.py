@@ -106,12 +106,13 @@ def to_host(x) -> np.ndarray:
 
 def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None, **kwargs) -> None:
-    """Start multi-host JAX (call once, before any other JAX call). No-op on a single process: nothing given and no
-    multi-process environment (coordinator variables, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1) detected."""
+    """Start multi-host JAX (before any other JAX call). No-op when already started, or on a single process: nothing
+    given and no multi-process environment (coordinator variables, SLURM_NTASKS > 1, OMPI_COMM_WORLD_SIZE > 1)."""
     import os
     multi = any(os.environ.get(k) for k in _CLUSTER_VARS) or \
         int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    if coordinator_address is None and num_processes in (None, 1) and not multi:
+    if jax.distributed.is_initialized() or (coordinator_address is None and num_processes in (None, 1)
+                                            and not multi):
         return
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id, **kwargs)

@@ -6,10 +6,13 @@ the whole run: a killed run restarted with the same command continues exactly wh
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Callable
 
+import jax
+import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from ekipl_jax.train import checkpoint as checkpoint_lib
@@ -18,6 +21,16 @@ from ekipl_jax.train import metrics as metrics_lib
 
 class InjectedFailure(RuntimeError):
   """Raised at config.fail_at_step to test that a killed run resumes exactly."""
+
+
+_BARRIER_COUNT = itertools.count()  # every process passes the same barriers in the same order: same keys
+
+
+def barrier(name: str, timeout_s: int = 2 * 3600) -> None:
+  """Every process waits here for the others (no-op on one process). The coordination service's barrier: a device
+  collective would do on TPU, but on CPU gloo gives up after 30 s (process 0 may prepare a dataset for longer)."""
+  if jax.process_count() > 1:
+    ocp.multihost.get_barrier_sync_fn()(key=f"{name}_{next(_BARRIER_COUNT)}", timeout_ms=timeout_s * 1000)
 
 
 def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
@@ -37,7 +50,8 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
   elif eval_fn is not None and eval_every > 0:
     writer.scalars(0, eval_fn(state, 0))
   try:
-    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True)
+    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True,
+               disable=jax.process_index() != 0)
     for step in bar:
       if step == cfg.fail_at_step:
         raise InjectedFailure(f"config.fail_at_step={step}")
@@ -60,6 +74,7 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
   finally:  # a failing step still leaves the last checkpoint complete on disk
     ckpt.close()
     writer.close()
+  barrier(f"{name}_metrics_written")  # process 0 has closed the file every process reads (workdir is shared)
   lines = metrics_lib.read_jsonl(writer.path) if os.path.exists(writer.path) else []
   return state, lines
 

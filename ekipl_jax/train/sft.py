@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,20 +17,21 @@ from ekipl_jax.rl import update
 from ekipl_jax.train import batching
 
 
-def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: int):
+def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: int, *, state_sharding: Any = None):
+  """state_sharding: the state's out-sharding (else XLA picks one, which the next call compiles for again)."""
   def loss_fn(params, batch, P):
     logp_RC, _ = packed.row_logprobs(model, params, batch, targets_from=P, chunk_size=chunk_size)
     m_RC = batch["mask"].astype(jnp.float32)
     return -jnp.sum(logp_RC * m_RC) / jnp.maximum(jnp.sum(m_RC), 1.0)
 
-  @functools.partial(jax.jit, donate_argnames=("state",), static_argnames=("P",))
   def step(state: update.TrainState, batch: dict, P: int):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, P)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=opt_state)
     return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(batch["mask"])}
-  return step
+  out_shardings = None if state_sharding is None else (state_sharding, None)
+  return jax.jit(step, donate_argnames=("state",), static_argnames=("P",), out_shardings=out_shardings)
 
 
 def make_batch(model, proc, examples, cfg) -> tuple[dict, int]:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable, TypeVar
 
 import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from ekipl_jax import models, sharding
 from ekipl_jax.data import processor as processor_lib
@@ -18,6 +21,8 @@ from ekipl_jax.sampling import aux_store
 from ekipl_jax.train import data as data_lib
 from ekipl_jax.train import evaluate as eval_lib
 from ekipl_jax.train import loop, policy, rl, sft
+
+T = TypeVar("T")
 
 
 def corpus(builder, cfg, n: int = 500) -> list[str]:
@@ -38,18 +43,34 @@ def rules_from_config(overrides) -> sharding.Rules:
   return tuple((k, over.get(k, v)) for k, v in sharding.RULES)
 
 
+def start_distributed(mcfg) -> None:
+  """Multi-host start-up (config mesh.distributed): the config's coordinator / process count / index where given,
+  the rest detected by JAX (TPU pod metadata, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); a no-op on one process."""
+  sharding.init_distributed(coordinator_address=mcfg.coordinator_address or None,
+                            num_processes=mcfg.num_processes or None,
+                            process_id=None if mcfg.process_id < 0 else mcfg.process_id)
+  if mcfg.num_processes and jax.process_count() != mcfg.num_processes:
+    raise ValueError(f"config key mesh.num_processes: {mcfg.num_processes}, but JAX runs {jax.process_count()}")
+
+
+def process_0_first(name: str, fn: Callable[[], T]) -> T:
+  """fn() on process 0, then on the others: for steps that write files the other processes then only read (TFDS
+  preparation, the from-scratch checkpoint), which race on a shared path."""
+  out = fn() if jax.process_index() == 0 else None
+  loop.barrier(f"process_0_first_{name}")
+  return out if jax.process_index() == 0 else fn()
+
+
 def setup(cfg):
-  if cfg.mesh.distributed:  # TPU pods / SLURM / explicit JAX_COORDINATOR_ADDRESS: jax detects the cluster itself
-    jax.distributed.initialize()
   mesh = sharding.make_mesh(tuple(cfg.mesh.shape))
   rules = rules_from_config(cfg.mesh.rules)
-  builder = data_lib.prepare(cfg.data)
+  builder = process_0_first("data", lambda: data_lib.prepare(cfg.data))
   init_from = cfg.model.init_from
   if not init_from:
     if not cfg.model.arch:
       raise ValueError("config keys model.init_from / model.arch: give a checkpoint folder or an architecture")
-    init_from = policy.make_scratch_checkpoint(cfg.model, cfg.data, corpus(builder, cfg),
-                                               os.path.join(cfg.workdir, "init"), cfg.seed)
+    init_from = process_0_first("scratch_policy", lambda: policy.make_scratch_checkpoint(
+        cfg.model, cfg.data, corpus(builder, cfg), os.path.join(cfg.workdir, "init"), cfg.seed))
   model, params, proc = policy.load(cfg.model, cfg.data, init_from, mesh, rules)
   return mesh, builder, init_from, model, params, proc
 
@@ -74,10 +95,20 @@ def make_eval_fn(cfg, model, proc, builder, workdir: str):
   return eval_fn
 
 
-def init_state(params, optimizer) -> update.TrainState:
-  """The train state on the params' devices: optimizer moments take their params' shardings (jit propagation) and
-  the counters are replicated over the mesh."""
-  return jax.jit(lambda p: update.init_state(p, optimizer))(params)
+def state_sharding(params, optimizer, mesh) -> update.TrainState:
+  """Shardings of the train state: the optimizer's moments take their parameters' shardings, every other leaf (step
+  counters) is replicated. Left to jit, the moments (zeros, independent of the params) came out replicated."""
+  replicated = NamedSharding(mesh, PartitionSpec())
+  abstract = jax.eval_shape(lambda p: update.init_state(p, optimizer), params)
+  params_sharding = jax.tree.map(lambda x: x.sharding, params)
+  opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, params_sharding,
+                                       transform_non_params=lambda _: replicated)
+  return abstract.replace(step=replicated, params=params_sharding, opt_state=opt_sharding,
+                          skipped_steps=replicated)
+
+
+def init_state(params, optimizer, sharding: update.TrainState) -> update.TrainState:
+  return jax.jit(lambda p: update.init_state(p, optimizer), out_shardings=sharding)(params)
 
 
 def run_sft(cfg, model, params, proc, builder, mesh):
@@ -85,8 +116,9 @@ def run_sft(cfg, model, params, proc, builder, mesh):
   n = min(cfg.sft.num_examples, len(src))
   steps = cfg.sft.steps or -(-n // cfg.sft.batch_size)
   optimizer = sft.optimizer_for(cfg.sft, steps)
-  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk)
-  state = init_state(params, optimizer)
+  sharding_ = state_sharding(params, optimizer, mesh)
+  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=sharding_)
+  state = init_state(params, optimizer, sharding_)
 
   def step_fn(state, i):
     examples = data_lib.read(src, data_lib.indices_for_step(len(src), cfg.seed, i, cfg.sft.batch_size, limit=n))
@@ -111,7 +143,7 @@ def run_rl(cfg, model, params, proc, builder, mesh):
   # The reference keeps its own copy: the train state's params are donated to the update step.
   if ctx.ref_params is not None:
     ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
-  state = init_state(params, optimizer)
+  state = init_state(params, optimizer, state_sharding(params, optimizer, mesh))
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   state, lines = loop.run_loop("rl", cfg, cfg.workdir, state, cfg.rl.steps,
                                lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every,
@@ -125,9 +157,12 @@ def run(cfg) -> dict:
     raise ValueError(f"config key stage: unknown stage {cfg.stage!r} (sft | rl | eval)")
   if cfg.stage == "rl" and cfg.rl.selection != "none" and not cfg.aux.store:
     raise ValueError(f"config key aux.store: selection {cfg.rl.selection!r} needs an auxiliary trajectory store")
-  os.makedirs(cfg.workdir, exist_ok=True)
-  with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-    f.write(cfg.to_json(indent=1))
+  if cfg.mesh.distributed:
+    start_distributed(cfg.mesh)
+  if jax.process_index() == 0:
+    os.makedirs(cfg.workdir, exist_ok=True)
+    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
+      f.write(cfg.to_json(indent=1))
   mesh, builder, init_from, model, params, proc = setup(cfg)
   if cfg.stage == "eval":
     metrics = make_eval_fn(cfg, model, proc, builder, cfg.workdir)(params, 0)
@@ -138,6 +173,8 @@ def run(cfg) -> dict:
   else:
     params, lines = run_rl(cfg, model, params, proc, builder, mesh)
   out_dir = os.path.join(cfg.workdir, "hf")
+  params = jax.tree.map(sharding.to_host, params)  # an all-gather every process joins, when fsdp spans processes
   if jax.process_index() == 0:
     models.save_pretrained(model, params, out_dir, processor_dir=init_from)
+  loop.barrier("hf_export")  # the folder is complete on every process's return
   return {"hf": out_dir, "metrics": lines}
