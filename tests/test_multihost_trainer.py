@@ -1,10 +1,19 @@
-"""The trainer on two real processes (4 CPU devices each, gloo collectives, one global (1, 4, 2) mesh: fsdp spans both processes), launched as
-`experiments/train.py` with the config's mesh.coordinator_address / num_processes / process_id, against one process
-with 8 devices and the same mesh: SFT, then EKIPL RL (aux store, reference policy, evaluation) killed after a
-checkpoint and resumed by two processes. Each worker records the files it writes (Python audit hooks)."""
+"""The trainer on two real processes against one: `experiments/train.py` launched twice on 127.0.0.1 with the config's
+mesh.coordinator_address / num_processes / process_id (4 CPU devices each, gloo collectives, one global (1, 4, 2)
+mesh whose fsdp axis spans both processes), and `trainer.run` in this process (8 devices, the same mesh).
+
+SFT, then EKIPL RL (aux store, reference policy, evaluation) killed after a checkpoint and resumed by two new
+processes, must give the metrics and parameters of the one-process run that was never killed. The tolerance
+(TOL) allows float32 summation order only: the two-process all-reduces add partial sums in another order than one
+process does (observed: loss 8e-8 relative, weights 3e-8 absolute); a dropped row, a process training on other data
+or a wrong gather moves them by far more, and the discrete outputs (sampled tokens, rewards, eval accuracy) must
+agree exactly for the sums to agree at all. Each worker records the files it writes (Python audit events) and the
+metric lines trainer.run returned to it.
+"""
 import atexit
 import json
 import os
+import re
 import runpy
 import socket
 import subprocess
@@ -41,19 +50,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(root: str, tag: str, overrides: list[str], timeout: int = 300) -> list[subprocess.CompletedProcess]:
+def _launch(root: str, tag: str, overrides: list[str], timeout: int = 240) -> list[subprocess.CompletedProcess]:
   """experiments/train.py in two processes; returns both (each leaves root/record_{tag}_{rank}.json, see _worker)."""
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+             # A later launch loads what an earlier one compiled (process 0 writes the cache, every process reads).
+             JAX_COMPILATION_CACHE_DIR=f"{root}_jax_cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   procs = [subprocess.Popen(
       [sys.executable, __file__, os.path.join(root, f"record_{tag}_{r}.json"),
        "--config", f"{__file__}:{root}", "--config.mesh.distributed=True",
        f"--config.mesh.coordinator_address=127.0.0.1:{port}", "--config.mesh.num_processes=2",
        f"--config.mesh.process_id={r}", *overrides],
-      env=dict(env, JAX_COMPILATION_CACHE_DIR=f"{root}_jax_cache_{r}"), stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True) for r in range(2)]
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
   try:
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
@@ -117,8 +126,6 @@ def _write_aux_store(cfg, path: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tmp_path):
-  import time
-  T0 = time.time()
   import jax
   import optax
   from ekipl_jax.rl import update
@@ -128,12 +135,15 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   cfg = get_config(root)
   read = lambda workdir: metrics_lib.read_jsonl(os.path.join(root, workdir, "metrics.jsonl"))
 
-  # SFT on two processes; they prepare the TFDS dataset and the from-scratch policy in the same folders.
-  _ok(_launch(root, "sft", ["--config.stage=sft", f"--config.workdir={root}/sft2"]))
-  print("sft2", time.time() - T0)
-  cfg.stage, cfg.workdir = "sft", os.path.join(root, "sft1")
+  # SFT on two processes; they prepare the TFDS dataset and the from-scratch policy in the same folders. The export
+  # at the end all-gathers parameters that fsdp splits over both processes (it deadlocked on process 0 alone).
+  sft2 = _launch(root, "sft", ["--config.stage=sft", f"--config.workdir={root}/sft2"])
+  _ok(sft2)
+  assert re.search(r"sft: +100%", sft2[0].stdout) and not re.search(r"(sft|rl): +\d+%", sft2[1].stdout)
+  # One process with mesh.distributed set and no cluster around: runs alone (jax.distributed.initialize() raised).
+  cfg.stage, cfg.workdir, cfg.mesh.distributed = "sft", os.path.join(root, "sft1"), True
   sft1 = trainer.run(cfg)
-  print("sft1", time.time() - T0)
+  assert jax.process_count() == 1
   _same(read("sft2"), sft1["metrics"], rel=TOL)
   _same_weights(os.path.join(root, "sft2", "hf"), sft1["hf"], rel=TOL)
 
@@ -143,20 +153,19 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   rl = ["--config.stage=rl", f"--config.workdir={root}/rl2", f"--config.model.init_from={root}/sft2/hf",
         f"--config.aux.store={root}/aux", "--config.aux.sources=('solver_strong',)"]
   killed = _launch(root, "rl_killed", rl + ["--config.fail_at_step=2"])
-  print("rl2 killed", time.time() - T0)
   assert all(p.returncode != 0 and "InjectedFailure" in p.stdout for p in killed), killed[0].stdout[-3000:]
-  _ok(_launch(root, "rl_resumed", rl))
-  print("rl2 resumed", time.time() - T0)
+  resumed = _launch(root, "rl_resumed", rl)
+  _ok(resumed)
+  assert all(f"[rl] resumed from {root}/rl2/checkpoints at step 2" in p.stdout for p in resumed)
   cfg.stage, cfg.workdir, cfg.model.init_from = "rl", os.path.join(root, "rl1"), os.path.join(root, "sft2", "hf")
   cfg.aux.store, cfg.aux.sources = os.path.join(root, "aux"), ("solver_strong",)
   rl1 = trainer.run(cfg)
-  print("rl1", time.time() - T0)
   _same(read("rl2"), rl1["metrics"], rel=TOL)
   _same_weights(os.path.join(root, "rl2", "hf"), rl1["hf"], rel=TOL)
-  # Evaluations at steps 0, 2, 3; the external rows earned rewards, so the updates were not all zero.
+  # Evaluations at steps 0, 2, 3; the external rows earned rewards, so the gradients were not zero.
   assert [l["step"] for l in rl1["metrics"]] == [0, 1, 2, 3]
   assert all("eval/test_id/accuracy" in l for l in rl1["metrics"] if l["step"] in (0, 2, 3))
-  assert all(l["groups/external_rows"] == 2.0 and l["pool/reward_mean/external"] > 0 and l["loss"] != 0
+  assert all(l["groups/external_rows"] == 2.0 and l["pool/reward_mean/external"] > 0 and l["grad_norm"] > 0.1
              for l in rl1["metrics"] if l["step"] > 0)
 
   # Every process got the whole metric history back (read after process 0 closed the file).
@@ -181,7 +190,6 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   sharded = optax.tree_map_params(optimizer, lambda m, p: not m.is_fully_replicated, state.opt_state, state.params,
                                   transform_non_params=lambda _: False)
   assert all(jax.tree.leaves(same)) and sum(jax.tree.leaves(sharded)) > 0
-  print("end", time.time() - T0)
 
 
 def _worker(record_path: str) -> None:

@@ -103,12 +103,11 @@ def state_sharding(params, optimizer, mesh) -> update.TrainState:
   params_sharding = jax.tree.map(lambda x: x.sharding, params)
   opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, params_sharding,
                                        transform_non_params=lambda _: replicated)
-  return abstract.replace(step=replicated, params=params_sharding, opt_state=opt_sharding,
-                          skipped_steps=replicated)
+  return update.TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, skipped_steps=replicated)
 
 
-def init_state(params, optimizer, sharding: update.TrainState) -> update.TrainState:
-  return jax.jit(lambda p: update.init_state(p, optimizer), out_shardings=sharding)(params)
+def init_state(params, optimizer, shardings: update.TrainState) -> update.TrainState:
+  return jax.jit(lambda p: update.init_state(p, optimizer), out_shardings=shardings)(params)
 
 
 def run_sft(cfg, model, params, proc, builder, mesh):
@@ -116,9 +115,9 @@ def run_sft(cfg, model, params, proc, builder, mesh):
   n = min(cfg.sft.num_examples, len(src))
   steps = cfg.sft.steps or -(-n // cfg.sft.batch_size)
   optimizer = sft.optimizer_for(cfg.sft, steps)
-  sharding_ = state_sharding(params, optimizer, mesh)
-  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=sharding_)
-  state = init_state(params, optimizer, sharding_)
+  shardings = state_sharding(params, optimizer, mesh)
+  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=shardings)
+  state = init_state(params, optimizer, shardings)
 
   def step_fn(state, i):
     examples = data_lib.read(src, data_lib.indices_for_step(len(src), cfg.seed, i, cfg.sft.batch_size, limit=n))
