@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.shape = (-1, 1, 1)                   # (data, fsdp, tensor); -1 takes the remaining devices
   c.mesh.rules = ()                           # logical-axis overrides ((logical, mesh_axis), ...); () = defaults
-  c.mesh.distributed = False                  # call jax.distributed.initialize() (multi-host TPU pods / GPUs)
+  c.mesh.distributed = False                  # start multi-host JAX (pods, GPU clusters; docs/GUIDE.md section 3);
+                                              # one process when none of the three below is given and none detected
   c.mesh.coordinator_address = ""             # distributed: "host:port" of process 0 ("" = JAX detects it)
   c.mesh.num_processes = 0                    # distributed: processes in the run (0 = JAX detects it)
   c.mesh.process_id = -1                      # distributed: this process's index (-1 = JAX detects it)

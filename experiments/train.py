@@ -2,6 +2,7 @@
 
 Stage `sft` (CoT-SFT warm start), `rl` (GRPO / EKIPL) or `eval`, as `--config.stage` says. A rerun with the same workdir
 resumes from the latest checkpoint. An unknown `--config.key` is an error (ml_collections config_flags).
+Several hosts: the same command on each, with `--config.mesh.distributed=True` (docs/GUIDE.md section 3).
 """
 import os
 import sys
