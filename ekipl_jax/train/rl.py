@@ -49,14 +49,16 @@ def _ref_fn(model, P: int, chunk: int, temperature: float):
   return jax.jit(lambda params, b: make_logprob_fn(model, P, chunk, temperature)(params, b)[0])
 
 
-def build_step(model, cfg, optimizer):
-  """update step per prompt bucket P (the completion span starts at P); jit caches each."""
+def build_step(model, cfg, optimizer, state_sharding=None):
+  """update step per prompt bucket P (the completion span starts at P); jit caches each. state_sharding pins the
+  updated state's placement (trainer.state_sharding) so that it never drifts between steps."""
   cache = {}
 
   def get(P: int):
     if P not in cache:
       cache[P] = update.make_train_step(
-          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature), optimizer, cfg.rl)
+          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature), optimizer, cfg.rl,
+          state_sharding=state_sharding)
     return cache[P]
   return get
 

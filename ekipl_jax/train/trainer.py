@@ -136,13 +136,14 @@ def run_rl(cfg, model, params, proc, builder, mesh):
     eval_ids = {ex["id"] for s in cfg.data.eval_splits for ex in data_lib.first(data_lib.source(builder, s), 0)}
     store = aux_store.open_store(cfg.aux.store, refuse_ids=eval_ids)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
+  shardings = state_sharding(params, optimizer, mesh)
   ctx = rl.RLContext(cfg=cfg, model=model, proc=proc, train_src=src, store=store, mesh=mesh,
-                     train_step=rl.build_step(model, cfg, optimizer),
+                     train_step=rl.build_step(model, cfg, optimizer, shardings),
                      ref_params=params if cfg.rl.beta != 0 else None)
   # The reference keeps its own copy: the train state's params are donated to the update step.
   if ctx.ref_params is not None:
     ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
-  state = init_state(params, optimizer, state_sharding(params, optimizer, mesh))
+  state = init_state(params, optimizer, shardings)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   state, lines = loop.run_loop("rl", cfg, cfg.workdir, state, cfg.rl.steps,
                                lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every,
