@@ -191,12 +191,9 @@ class FakeOpenAI:
           server.in_flight += 1
           server.max_in_flight = max(server.max_in_flight, server.in_flight)
         try:
-          server.handle(self)
+          server.handle(self)  # leaves in_flight when it starts answering
         except (BrokenPipeError, ConnectionResetError):
           pass  # the client gave up (timeout)
-        finally:
-          with server.lock:
-            server.in_flight -= 1
 
     self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     self.httpd.daemon_threads = True
@@ -238,6 +235,8 @@ class FakeOpenAI:
                            "role": "assistant", "content": f"<think>\n{key}\n</think>\n<answer>\n3\n</answer>"}}],
                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}, 200
     data = json.dumps(reply).encode()
+    with self.lock:  # answered from here on: the client may send its next request before this thread ends
+      self.in_flight -= 1
     h.send_response(status)
     h.send_header("Content-Type", "application/json")
     h.send_header("Content-Length", str(len(data)))
