@@ -63,9 +63,9 @@ def report(m: dict, s: dict, t: dict, u: dict, cmd: str, wall_s: float) -> str:
          f"transformers {m['transformers']}; tunix {t['tunix_version']} (its own venv: jax {t['tunix_jax']}, "
          f"flax {t['tunix_flax']})",
          f"- XLA_FLAGS: `{m['xla_flags'] or '(none)'}`; load average (1 min) at start {m['load_start']:.1f}, at end "
-         f"{m['load_end']:.1f}",
+         f"{m['load_end']:.1f} (this run's own threads included)",
          ""]
-    if cpu and max(m["load_start"], m["load_end"]) > 0.5 * m["cores"]:
+    if cpu and m["load_start"] > 0.5 * m["cores"]:  # at the end the load average counts this run's own threads
         L += ["**Noise.** Other jobs shared these cores during the run (see the load average): every wall-clock "
               "figure is noisy, by tens of percent between runs (the sampler ratios moved by 0.2-0.3x between two "
               "runs while this suite was written). Each ratio is measured side by side (same "

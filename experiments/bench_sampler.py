@@ -12,6 +12,8 @@ Also measured, to explain the ratio:
     q/k/v/o and gate/up/down, then the lm head, chained as in the model, as a jit loop (ours) or eager torch
     (`F.linear`). They bound what any sampler built on that GEMM can reach: ours can be at most
     hf_s_per_call / (prefill + (new_tokens - 1) * matmul chain) faster than transformers here (`speedup_bound`);
+  - our cached attention alone (`attention_chain_ours`: cache writes + attention of every layer, the sampler's own
+    functions, as a jit loop), and the bound with it added to the matmuls (`speedup_bound_with_attention`);
   - XLA compilations during calls with other prompt lengths after warm-up (same length bucket: expected 0).
 
     python experiments/bench_sampler.py [--repeats 3] [--dtypes float32,bfloat16]   # prints a JSON dict
@@ -19,6 +21,7 @@ Also measured, to explain the ratio:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -95,6 +98,47 @@ def matmul_chain_ours(params, batch: int, steps: int = 32, repeats: int = 3) -> 
     return _median_time(lambda: run(layers, head, x_BD).block_until_ready(), repeats) / steps
 
 
+def attention_chain_ours(model, batch: int, prompt_len: int, new_tokens: int, repeats: int = 3) -> float:
+    """Seconds per decode step of the cached attention alone, averaged over the decode: per layer, write one key and
+    value into the [B, K, S, Dh] cache buffers and attend to them (models.decoder.write_cache / _attend_cached, the
+    sampler's own code), for steps 0 .. new_tokens - 2 at slots prompt_len + step, as a jit loop."""
+    import jax
+    import jax.numpy as jnp
+    from ekipl_jax.models import decoder
+    c, dt = model.config, model.dtype
+    K, G, Dh, S = c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim, prompt_len + new_tokens
+    steps = new_tokens - 1
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def run(ks, vs, q_BKGTDh, new_CBKTDh):
+        def step(j, carry):
+            ks, vs, q_BKGTDh = carry
+            ks, vs = list(ks), list(vs)
+            mask_BTS = decoder.attention_mask(jnp.ones((batch, S), jnp.int32), 1, prompt_len + j)
+            new_BKTDh = new_CBKTDh[j]  # the step's new key / value, as the projections hand them over
+            for i in range(c.num_layers):
+                ks[i] = decoder.write_cache(ks[i], new_BKTDh, prompt_len + j)
+                vs[i] = decoder.write_cache(vs[i], new_BKTDh, prompt_len + j)
+                out = decoder._attend_cached(q_BKGTDh, ks[i], vs[i], mask_BTS, dt)
+                q_BKGTDh = q_BKGTDh + 1e-3 * out.astype(q_BKGTDh.dtype)
+            return tuple(ks), tuple(vs), q_BKGTDh
+        return jax.lax.fori_loop(0, steps, step, (ks, vs, q_BKGTDh))
+
+    def call():
+        key = jax.random.key(0)
+        ks = tuple(jax.random.normal(jax.random.fold_in(key, i), (batch, K, S, Dh), dt) for i in range(c.num_layers))
+        vs = tuple(jax.random.normal(jax.random.fold_in(key, c.num_layers + i), (batch, K, S, Dh), dt)
+                   for i in range(c.num_layers))
+        new_CBKTDh = jax.random.normal(key, (steps, batch, K, 1, Dh), dt)
+        jax.block_until_ready((ks, vs, new_CBKTDh))
+        t = time.perf_counter()
+        jax.block_until_ready(run(ks, vs, jnp.ones((batch, K, G, 1, Dh), dt), new_CBKTDh))
+        return time.perf_counter() - t
+
+    call()
+    return statistics.median(call() for _ in range(repeats)) / steps
+
+
 def matmul_chain_torch(model, batch: int, steps: int = 32, repeats: int = 3) -> float:
     """The same chain with transformers' weights through `F.linear` (what its nn.Linear layers call), eager."""
     import torch
@@ -148,6 +192,7 @@ def bench_ours(path: str, ids, mask, new_tokens: int, repeats: int, sampling: di
                 ours_first_call_s=warm_s, ours_prefill_s=prefill,
                 ours_decode_step_s=(sec - prefill) / max(new_tokens - 1, 1),
                 ours_matmul_chain_s=matmul_chain_ours(params, ids.shape[0]),
+                ours_attention_s=attention_chain_ours(model, ids.shape[0], ids.shape[1], new_tokens),
                 ours_compilations_after_warmup=n[0], params=int(n_params), jax_devices=str(jax.devices()))
 
 
@@ -190,6 +235,8 @@ def run(batch: int = 16, prompt_len: int = 64, new_tokens: int = 128, repeats: i
             r["speedup"] = r["ours_tokens_per_s"] / r["hf_tokens_per_s"]
             r["speedup_bound"] = r["hf_s_per_call"] / (r["ours_prefill_s"] + (new_tokens - 1) *
                                                        r["ours_matmul_chain_s"])
+            r["speedup_bound_with_attention"] = r["hf_s_per_call"] / (
+                r["ours_prefill_s"] + (new_tokens - 1) * (r["ours_matmul_chain_s"] + r["ours_attention_s"]))
             res[dtype] = r
     res["speedup"] = res[dtypes[0]]["speedup"]
     res["ours_compilations_after_warmup"] = max(res[d]["ours_compilations_after_warmup"] for d in dtypes)

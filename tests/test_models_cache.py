@@ -88,3 +88,17 @@ def test_token_logprobs_jit_and_grad(loaded):
     np.testing.assert_allclose(value, eager, rtol=1e-5)
     g = grads["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).max() > 0
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_write_cache_puts_the_new_slots_exactly(dtype):
+    """write_cache (bits for 16-bit floats) == numpy slot assignment, under jit with the index traced."""
+    from ekipl_jax.models.decoder import write_cache
+    rng = np.random.default_rng(0)
+    cache_BKSDh = rng.normal(size=(2, 3, 9, 4)).astype(np.float32)
+    new_BKTDh = rng.normal(size=(2, 3, 2, 4)).astype(np.float32)
+    got = jax.jit(write_cache)(jnp.asarray(cache_BKSDh, dtype), jnp.asarray(new_BKTDh), 5)
+    want = np.asarray(jnp.asarray(cache_BKSDh, dtype)).copy()
+    want[:, :, 5:7] = np.asarray(jnp.asarray(new_BKTDh, dtype))
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got), want)

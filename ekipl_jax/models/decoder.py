@@ -94,8 +94,15 @@ class Attention(nn.Module):
 
 
 def write_cache(cache_BKSDh, new_BKTDh, cache_index):
-    """The T new keys (or values) at slots cache_index .. cache_index+T-1; in place when the buffer is donated."""
-    return jax.lax.dynamic_update_slice(cache_BKSDh, new_BKTDh.astype(cache_BKSDh.dtype), (0, 0, cache_index, 0))
+    """The T new keys (or values) at slots cache_index .. cache_index+T-1; in place when the buffer is donated.
+    A 16-bit float cache is written as its bits: XLA:CPU otherwise upcasts a bf16 dynamic-update-slice to float32,
+    i.e. converts and rewrites the whole buffer on every decode step (free bitcasts elsewhere)."""
+    new_BKTDh, start = new_BKTDh.astype(cache_BKSDh.dtype), (0, 0, cache_index, 0)
+    if jnp.dtype(cache_BKSDh.dtype).itemsize != 2:
+        return jax.lax.dynamic_update_slice(cache_BKSDh, new_BKTDh, start)
+    bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jax.lax.dynamic_update_slice(bits(cache_BKSDh), bits(new_BKTDh), start),
+                                        cache_BKSDh.dtype)
 
 
 def _attend(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
@@ -106,7 +113,7 @@ def _attend(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
         * (Dh ** -0.5)
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh, preferred_element_type=jnp.float32).astype(dtype)
 
 
 def _attend_cached(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
@@ -118,7 +125,7 @@ def _attend_cached(q_BKGTDh, k_BKSDh, v_BKSDh, mask_BTS, dtype):
     scores_BKGTS = scores_BKSGT.transpose(0, 1, 3, 4, 2) * (Dh ** -0.5)
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS, jnp.finfo(jnp.float32).min)
     probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs_BKGTS, v_BKSDh, preferred_element_type=jnp.float32).astype(dtype)
 
 
 class MLP(nn.Module):
