@@ -29,7 +29,8 @@ def test_analytic_flops_remat_adds_one_decoder_forward():
 @pytest.mark.parametrize("ratio", [0.5, 5.0])
 def test_report_names_every_missed_goal(ratio):
     per_dtype = dict(speedup=ratio, ours_decode_step_s=0.01, ours_matmul_chain_s=0.005, speedup_bound=2 * ratio,
-                     hf_step_s=0.02, hf_matmul_chain_s=0.01, hf_s_per_call=2.0, ours_prefill_s=0.1)
+                     hf_step_s=0.02, hf_matmul_chain_s=0.01, hf_s_per_call=2.0, ours_prefill_s=0.1,
+                     ours_attention_s=0.001, speedup_bound_with_attention=1.5 * ratio)
     s = dict(float32=per_dtype, bfloat16=per_dtype, new_tokens=128, speedup=ratio, ours_compilations_after_warmup=0)
     t = dict(ours_over_tunix=ratio)
     u = dict(mfu_vs_matmul_peak=ratio / 10, compilations_after_warmup=0)
