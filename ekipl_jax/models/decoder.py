@@ -35,7 +35,7 @@ def dot_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=
 class Dense(nn.Dense):
     """nn.Dense (same parameters) whose matmul accumulates in float32 and whose output is rounded once to `dtype`.
     What TPU and GPU GEMMs do for bfloat16 anyway; on CPU it also selects XLA's fast bf16 x bf16 -> f32 kernels (a
-    bf16-output dot there is as slow as float32: docs/BENCHMARKS.md)."""
+    bf16-output dot runs there as slowly as a float32 one: the bench model sampled slower in bf16 than in f32)."""
     dot_general: Any = dot_f32
 
     def __call__(self, inputs):

@@ -70,7 +70,7 @@ class QwenVL(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, dt, pdt)
         if not c.tie_word_embeddings:
             self.lm_head = Dense(c.vocab_size, use_bias=False, dtype=dt, param_dtype=pdt, kernel_init=
-                                    nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))
+                                 nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")))
         if self.with_vision:
             self.visual = _vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
 
