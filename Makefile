@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HASH := $(shell cat setup.py | md5sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install install-test demo test test-fast bench clean
+.PHONY: install install-test lint format demo test test-fast bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,18 @@ $(VENV)/.installed-test-$(HASH): $(VENV)/.installed-$(HASH)
 
 install: $(VENV)/.installed-$(HASH)
 install-test: $(VENV)/.installed-test-$(HASH)
+
+# One formatter for the whole tree (pyink, Google style; settings in pyproject.toml). CI runs `make lint`.
+PYINK := pyink==26.5.1
+$(VENV)/.pyink:
+	$(BIN)/pip install -q $(PYINK)
+	touch $@
+
+lint: $(BIN)/python $(VENV)/.pyink
+	$(BIN)/pyink --check --diff .
+
+format: $(BIN)/python $(VENV)/.pyink
+	$(BIN)/pyink .
 
 # The embedded demo: synthetic data, tiny policy, SFT, then GRPO vs EKIPL; writes results/.
 demo: install

@@ -1,4 +1,5 @@
 """ekipl_jax: Vision-EKIPL (GRPO with external knowledge) for Qwen-VL policies in JAX."""
+
 import setuptools
 
 setuptools.setup(

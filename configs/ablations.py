@@ -28,6 +28,7 @@ Only the named knobs change (a one-factor ablation); a knob's side settings are 
     external model's tokenizer is the policy's (Qwen2-VL and Qwen2.5-VL Instruct ship the same Qwen2 tokenizer
     vocabulary; check yours).
 """
+
 import ml_collections
 
 from configs import paper
@@ -40,9 +41,14 @@ SELECTIONS = ("ekipl", "none", "all", "replace")
 TREATMENTS = ("paper", "luffy", "importance", "rlplus")
 
 # One variant per knob value (the ablation grid a paper table would show); every one loads (tests/test_configs.py).
-VARIANTS = (tuple(f"m={m}" for m in (1, 2, 3)) + tuple(f"k={k}" for k in (1, 2, 4))
-            + tuple(f"g={g}" for g in (4, 8, 16)) + ("g=8,n=4", "g=8,n=16")
-            + tuple(f"selection={s}" for s in SELECTIONS) + tuple(f"treatment={t}" for t in TREATMENTS))
+VARIANTS = (
+    tuple(f"m={m}" for m in (1, 2, 3))
+    + tuple(f"k={k}" for k in (1, 2, 4))
+    + tuple(f"g={g}" for g in (4, 8, 16))
+    + ("g=8,n=4", "g=8,n=16")
+    + tuple(f"selection={s}" for s in SELECTIONS)
+    + tuple(f"treatment={t}" for t in TREATMENTS)
+)
 
 
 def parse(arg: str) -> tuple[str, str, dict[str, str]]:

@@ -1,14 +1,15 @@
 """The embedded demo: the paper's central ablation (GRPO vs Vision-EKIPL) in miniature, on a CPU, in minutes.
 
-  1. synthetic CLEVR-Math-like counting data (TFDS, generated offline from a seed)
-  2. a tiny Qwen2.5-VL-architecture policy from scratch: BPE tokenizer trained on the data, saved as an HF folder
-  3. CoT-SFT warm start on scripted chains of thought
-  4. the auxiliary trajectory store: a perfect and a 60%-accurate scripted solver stand in for external models
-  5. RL from the same SFT checkpoint with the same seeds: GRPO (policy samples only) and EKIPL (top-G of the pool)
-  6. evaluation on the ID and OOD test splits; results/RESULTS.md, results.json and curves.png
+1. synthetic CLEVR-Math-like counting data (TFDS, generated offline from a seed)
+2. a tiny Qwen2.5-VL-architecture policy from scratch: BPE tokenizer trained on the data, saved as an HF folder
+3. CoT-SFT warm start on scripted chains of thought
+4. the auxiliary trajectory store: a perfect and a 60%-accurate scripted solver stand in for external models
+5. RL from the same SFT checkpoint with the same seeds: GRPO (policy samples only) and EKIPL (top-G of the pool)
+6. evaluation on the ID and OOD test splits; results/RESULTS.md, results.json and curves.png
 
-    python experiments/demo.py --out results [--seeds 0,1] [--rl_steps 40]
+  python experiments/demo.py --out results [--seeds 0,1] [--rl_steps 40]
 """
+
 import copy
 import json
 import os
@@ -57,8 +58,9 @@ def main(argv):
   eval_ids = {ex["id"] for s in base.data.eval_splits for ex in data_lib.first(data_lib.source(builder, s), 0)}
   store = os.path.join(out, "aux")
   for name, accuracy in SOLVERS:
-    aux_sources.write_from_solver(train, store, name=name, accuracy=accuracy, seed=17, k=base.rl.num_external_per_model,
-                                  refuse_ids=eval_ids)
+    aux_sources.write_from_solver(
+        train, store, name=name, accuracy=accuracy, seed=17, k=base.rl.num_external_per_model, refuse_ids=eval_ids
+    )
 
   # 5-6: both arms from the same SFT checkpoint, same seeds.
   runs = {arm: [] for arm in ARMS}
@@ -81,8 +83,10 @@ def main(argv):
           finals["SFT (RL start)"].setdefault(split, []).append(evals[0][f"eval/{split}/accuracy"])
       for split in base.data.eval_splits:
         finals[arm].setdefault(split, []).append(last[f"eval/{split}/accuracy"])
-      print(f"[demo] {arm} seed {seed}: {time.time() - t0:.0f}s, "
-            + ", ".join(f"{s} {last[f'eval/{s}/accuracy']:.1f}" for s in base.data.eval_splits))
+      print(
+          f"[demo] {arm} seed {seed}: {time.time() - t0:.0f}s, "
+          + ", ".join(f"{s} {last[f'eval/{s}/accuracy']:.1f}" for s in base.data.eval_splits)
+      )
 
   write_results(out, base, runs, finals, report, time.time() - t_start)
 
@@ -94,26 +98,39 @@ def write_results(out, base, runs, finals, report, elapsed):
   report.plot_curves(os.path.join(out, "curves.png"), runs, keys)
   import platform  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?") \
-      if os.path.exists("/proc/cpuinfo") else platform.processor()
-  lines = ["# Demo results (measured by `make demo`)", "",
-           f"- command: `{' '.join(sys.argv)}` (the `make demo` target), {time.strftime('%Y-%m-%d')}",
-           f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores; jax {jax.__version__} "
-           f"({jax.default_backend()})",
-           f"- synthetic counting (train {base.data.num_train}, test_id / test_ood {base.data.num_test} each, "
-           f"{base.eval.num_examples} evaluated per split), a tiny Qwen2.5-VL from scratch, "
-           f"SFT {base.sft.steps} steps, then RL {base.rl.steps} steps x {base.rl.batch_prompts} prompts "
-           f"(G = {base.rl.group_size}, N = {base.rl.num_policy_samples}, K = {base.rl.num_external_per_model} per "
-           f"external solver, lr {base.rl.optimizer.lr}); {len(runs['GRPO'])} seed(s) per arm; "
-           f"total wall time {elapsed / 60:.1f} min.", "",
-           "Final accuracy (%; mean ± std over seeds):", "", md, "",
-           "RL step at which each arm first reaches GRPO's final accuracy (mean curve):", ""]
+
+  cpu = (
+      next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+      if os.path.exists("/proc/cpuinfo")
+      else platform.processor()
+  )
+  lines = [
+      "# Demo results (measured by `make demo`)",
+      "",
+      f"- command: `{' '.join(sys.argv)}` (the `make demo` target), {time.strftime('%Y-%m-%d')}",
+      f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores; jax {jax.__version__} "
+      f"({jax.default_backend()})",
+      f"- synthetic counting (train {base.data.num_train}, test_id / test_ood {base.data.num_test} each, "
+      f"{base.eval.num_examples} evaluated per split), a tiny Qwen2.5-VL from scratch, "
+      f"SFT {base.sft.steps} steps, then RL {base.rl.steps} steps x {base.rl.batch_prompts} prompts "
+      f"(G = {base.rl.group_size}, N = {base.rl.num_policy_samples}, K = {base.rl.num_external_per_model} per "
+      f"external solver, lr {base.rl.optimizer.lr}); {len(runs['GRPO'])} seed(s) per arm; "
+      f"total wall time {elapsed / 60:.1f} min.",
+      "",
+      "Final accuracy (%; mean ± std over seeds):",
+      "",
+      md,
+      "",
+      "RL step at which each arm first reaches GRPO's final accuracy (mean curve):",
+      "",
+  ]
   for s in splits:
     curves = report.curves(runs, f"eval/{s}/accuracy")
     target = curves["GRPO"][1][-1] if curves["GRPO"][1].size else float("nan")
     for arm, (steps, mean, _) in curves.items():
-      lines.append(f"- {s}, {arm}: step {report.first_step_reaching(steps, mean, target)} "
-                   f"(GRPO final {target:.1f})")
+      lines.append(
+          f"- {s}, {arm}: step {report.first_step_reaching(steps, mean, target)} " f"(GRPO final {target:.1f})"
+      )
   lines += ["", "![curves](curves.png)", ""]
   with open(os.path.join(out, "RESULTS.md"), "w") as f:
     f.write("\n".join(lines))

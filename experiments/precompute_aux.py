@@ -23,6 +23,7 @@ Reason-RFT counting with GPT-4o:
     --base_url=https://api.openai.com/v1 --k=1 --store=aux/counting --data.manual_dir=/data/Reason-RFT-CoT-Dataset \\
     --data.builder_config=counting
 """
+
 import json
 import os
 import sys
@@ -40,8 +41,12 @@ SOURCES = ("cot", "solver", "checkpoint", "openai")
 _DATA = config_flags.DEFINE_config_dict("data", base.get_config().data, "the trainer's data keys")
 _SOURCE = flags.DEFINE_enum("source", None, SOURCES, "where the responses come from")
 _STORE = flags.DEFINE_string("store", None, "the store folder (created or resumed)")
-_NAME = flags.DEFINE_string("name", "", "source name in the store (default: dataset_cot, solver_acc<accuracy>, "
-                            "the checkpoint folder's name, the model name)")
+_NAME = flags.DEFINE_string(
+    "name",
+    "",
+    "source name in the store (default: dataset_cot, solver_acc<accuracy>, "
+    "the checkpoint folder's name, the model name)",
+)
 _SPLIT = flags.DEFINE_string("split", "", "split to write responses for (default: data.train_split)")
 _LIMIT = flags.DEFINE_integer("limit", 0, "only the first N examples of the split (0: all)")
 _K = flags.DEFINE_integer("k", 1, "responses per example (solver, checkpoint, openai)")
@@ -65,6 +70,7 @@ _RETRIES = flags.DEFINE_integer("max_retries", 5, "openai: retries on 408/409/42
 def refused_ids(builder, dcfg, split: str) -> set[str]:
   """Ids of every split except the training split, plus data.eval_splits (evaluation data never enters a store)."""
   from ekipl_jax.train import data as data_lib
+
   splits = {s for s in builder.info.splits if s != dcfg.train_split} | set(dcfg.eval_splits)
   return {ex["id"] for s in sorted(splits) for ex in data_lib.first(data_lib.source(builder, s), 0)}
 
@@ -72,16 +78,19 @@ def refused_ids(builder, dcfg, split: str) -> set[str]:
 def dataset_name(builder, dcfg, split: str) -> str:
   """The file the examples come from (Reason-RFT) or the builder / config name (synthetic), for provenance."""
   from ekipl_jax.data import builders
+
   if dcfg.builder == "reason_rft_cot":
     task = dcfg.builder_config or dcfg.task
-    return os.path.abspath(builders.json_path(os.path.expanduser(dcfg.manual_dir), split,
-                                              builders.REASON_RFT_FILES[task][split]))
+    return os.path.abspath(
+        builders.json_path(os.path.expanduser(dcfg.manual_dir), split, builders.REASON_RFT_FILES[task][split])
+    )
   return f"{builder.name}/{builder.builder_config.name}"
 
 
 def run() -> dict:
   from ekipl_jax.data import aux_sources
   from ekipl_jax.train import data as data_lib
+
   dcfg, source = _DATA.value, _SOURCE.value
   split = _SPLIT.value or dcfg.train_split
   builder = data_lib.prepare(dcfg)
@@ -90,30 +99,61 @@ def run() -> dict:
   templates = dcfg.prompt_templates.to_dict() or None
   store, k, seed = _STORE.value, _K.value, _SEED.value
   if source == "cot":
-    return aux_sources.write_from_cot(examples, store, _NAME.value or "dataset_cot",
-                                      dataset=dataset_name(builder, dcfg, split), split=split, refuse_ids=refuse)
+    return aux_sources.write_from_cot(
+        examples,
+        store,
+        _NAME.value or "dataset_cot",
+        dataset=dataset_name(builder, dcfg, split),
+        split=split,
+        refuse_ids=refuse,
+    )
   if source == "solver":
     if dcfg.builder != "synthetic_reasoning":
       raise app.UsageError("--source=solver needs --data.builder=synthetic_reasoning (scene metadata)")
-    return aux_sources.write_from_solver(examples, store, _NAME.value or f"solver_acc{_ACCURACY.value:g}",
-                                         _ACCURACY.value, seed, k, refuse_ids=refuse)
+    return aux_sources.write_from_solver(
+        examples, store, _NAME.value or f"solver_acc{_ACCURACY.value:g}", _ACCURACY.value, seed, k, refuse_ids=refuse
+    )
   if source == "checkpoint":
     if not _CHECKPOINT.value:
       raise app.UsageError("--source=checkpoint needs --checkpoint=DIR")
     name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
     return aux_sources.write_from_checkpoint(
-        examples, store, name, _CHECKPOINT.value, k=k, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
-        top_k=_TOP_K.value, max_new_tokens=_MAX_TOKENS.value, batch_size=_BATCH.value, seed=seed,
-        min_pixels=dcfg.min_pixels, max_pixels=dcfg.max_pixels, prompt_buckets=tuple(dcfg.prompt_buckets),
-        templates=templates, dtype=_DTYPE.value, refuse_ids=refuse)
+        examples,
+        store,
+        name,
+        _CHECKPOINT.value,
+        k=k,
+        temperature=_TEMPERATURE.value,
+        top_p=_TOP_P.value,
+        top_k=_TOP_K.value,
+        max_new_tokens=_MAX_TOKENS.value,
+        batch_size=_BATCH.value,
+        seed=seed,
+        min_pixels=dcfg.min_pixels,
+        max_pixels=dcfg.max_pixels,
+        prompt_buckets=tuple(dcfg.prompt_buckets),
+        templates=templates,
+        dtype=_DTYPE.value,
+        refuse_ids=refuse,
+    )
   if not (_BASE_URL.value and _MODEL.value):
     raise app.UsageError("--source=openai needs --base_url and --model")
-  endpoint = aux_sources.Endpoint(_BASE_URL.value, _MODEL.value, _KEY_ENV.value, _CONCURRENCY.value,
-                                  _TIMEOUT.value, _RETRIES.value)
+  endpoint = aux_sources.Endpoint(
+      _BASE_URL.value, _MODEL.value, _KEY_ENV.value, _CONCURRENCY.value, _TIMEOUT.value, _RETRIES.value
+  )
   return aux_sources.write_from_openai(
-      examples, store, _NAME.value or _MODEL.value, endpoint, k=k, temperature=_TEMPERATURE.value,
-      top_p=_TOP_P.value, max_tokens=_MAX_TOKENS.value, seed=seed if seed >= 0 else None, templates=templates,
-      refuse_ids=refuse)
+      examples,
+      store,
+      _NAME.value or _MODEL.value,
+      endpoint,
+      k=k,
+      temperature=_TEMPERATURE.value,
+      top_p=_TOP_P.value,
+      max_tokens=_MAX_TOKENS.value,
+      seed=seed if seed >= 0 else None,
+      templates=templates,
+      refuse_ids=refuse,
+  )
 
 
 def main(argv):

@@ -4,6 +4,7 @@ Stage `sft` (CoT-SFT warm start), `rl` (GRPO / EKIPL) or `eval`, as `--config.st
 resumes from the latest checkpoint. An unknown `--config.key` is an error (ml_collections config_flags).
 Several hosts: the same command on each, with `--config.mesh.distributed=True` (docs/GUIDE.md section 3).
 """
+
 import os
 import sys
 
@@ -21,6 +22,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
   from ekipl_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
   trainer.run(_CONFIG.value)
 
 

@@ -1,4 +1,5 @@
 """Test setup: 8 forced CPU devices for every test (mesh tests need them; single-device code uses device 0)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

@@ -1,5 +1,6 @@
 """Experiment configs: every paper / ablation variant loads, sets only fields configs/base.py defines (with the same
 types), carries Reason-RFT's values (METHOD.md sect. 4), and the trainer's command line rejects unknown keys."""
+
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ BASE = _flat(base.get_config())
 
 def _same_fields_as_base(c):
   flat = _flat(c)
-  assert set(flat) == set(BASE), (set(flat) ^ set(BASE))
+  assert set(flat) == set(BASE), set(flat) ^ set(BASE)
   for k, t in flat.items():
     if BASE[k] is not type(None) and t is not type(None):
       assert t is BASE[k] or (BASE[k] is float and t is int), (k, t, BASE[k])
@@ -44,7 +45,8 @@ def test_paper_variant_loads_with_base_fields_only(arg):
   assert c.stage == ("sft" if method == "sft" else "rl")
   assert c.data.builder_config == c.data.task == task
   assert (c.rl.selection, bool(c.aux.store), len(c.aux.sources)) == (
-      ("ekipl", True, 2) if method == "ekipl" else ("none", False, 0))
+      ("ekipl", True, 2) if method == "ekipl" else ("none", False, 0)
+  )
 
 
 @pytest.mark.parametrize("arg", ablations.VARIANTS + ("qwen2_5_vl_7b,spatial,g=4,k=2,treatment=rlplus",))
@@ -94,12 +96,14 @@ def test_configs_are_locked_against_new_keys():
 
 def test_config_file_arg_syntax():
   """`--config configs/paper.py:MODEL,TASK,METHOD` as experiments/train.py parses it, overrides included."""
+
   def parse(*argv):
     fv = flags.FlagValues()
     argv = ["train", *argv]
     config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
     fv(argv)
     return fv.config
+
   c = parse(f"--config={ROOT}/configs/paper.py:qwen2_5_vl_7b,spatial,ekipl", "--config.rl.beta=0.0")
   assert c.name == "qwen2_5_vl_7b_spatial_ekipl" and c.rl.beta == 0.0
   c = parse(f"--config={ROOT}/configs/ablations.py:qwen2_vl_7b,structure,m=1,treatment=luffy")
@@ -112,8 +116,18 @@ def test_demo_config_has_base_fields_only():
 
 
 def test_train_rejects_unknown_key():
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "train.py"), "--config",
-                      os.path.join(ROOT, "configs", "demo.py"), "--config.nonexistent=1"],
-                     capture_output=True, text=True, timeout=120, cwd=ROOT)
+  p = subprocess.run(
+      [
+          sys.executable,
+          os.path.join(ROOT, "experiments", "train.py"),
+          "--config",
+          os.path.join(ROOT, "configs", "demo.py"),
+          "--config.nonexistent=1",
+      ],
+      capture_output=True,
+      text=True,
+      timeout=120,
+      cwd=ROOT,
+  )
   assert p.returncode != 0
   assert "nonexistent" in p.stderr

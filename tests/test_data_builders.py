@@ -1,4 +1,5 @@
 """TFDS builders on a fixture folder in the exact Reason-RFT layout, and the synthetic builder."""
+
 import json
 import os
 import shutil
@@ -32,7 +33,12 @@ def test_records_round_trip(folder, tmp_path, task):
       rel = w["image"] if isinstance(w["image"], list) else [w["image"]]
       assert g["image"] == rel and len(g["images"]) == (2 if task == "spatial" else 1)
       assert (g["problem"], g["answer"], g["solution"], g["cot"], g["task"]) == (
-          w["problem"], w["answer"], w["answer"], w.get("cot", ""), task)
+          w["problem"],
+          w["answer"],
+          w["answer"],
+          w.get("cot", ""),
+          task,
+      )
       for arr_HW3, r in zip(g["images"], rel):
         png_HW3 = np.asarray(Image.open(os.path.join(builders.image_root(folder, split), r)).convert("RGB"))
         np.testing.assert_array_equal(arr_HW3, png_HW3)

@@ -1,4 +1,5 @@
 """Tokenizer folder + processor: offline loading, special ids, chat template, image tokens, padding, SFT layout."""
+
 import io
 
 import numpy as np
@@ -17,8 +18,9 @@ REF_CLASS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
 @pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
 def folder(request, tmp_path_factory) -> tuple[str, str]:
   corpus = S.corpus(CFG, 200) + P.template_corpus()
-  out = T.build_processor_folder(corpus, str(tmp_path_factory.mktemp(request.param)), 1024, request.param,
-                                 min_pixels=56 * 56, max_pixels=224 * 224)
+  out = T.build_processor_folder(
+      corpus, str(tmp_path_factory.mktemp(request.param)), 1024, request.param, min_pixels=56 * 56, max_pixels=224 * 224
+  )
   return out, request.param
 
 
@@ -27,14 +29,17 @@ def _reference(folder: str, family: str):
   processor); without it, load the same folder through ProcessorMixin.from_pretrained minus the video part."""
   try:
     import torchvision  # noqa: F401
+
     return AutoProcessor.from_pretrained(folder, local_files_only=True)
   except (ImportError, RuntimeError):
     pass
 
   class NoVideo(REF_CLASS[family]):
+
     @classmethod
     def get_attributes(cls):
       return ["image_processor", "tokenizer"]
+
   return NoVideo.from_pretrained(folder, local_files_only=True)
 
 
@@ -52,6 +57,7 @@ def test_autoprocessor_loads_offline(folder):
   path, family = folder
   try:
     import torchvision  # noqa: F401
+
     has_tv = True
   except (ImportError, RuntimeError):
     has_tv = False
@@ -84,10 +90,12 @@ def test_special_token_ids(folder):
 def test_chat_template_matches_hand_written(folder):
   proc = P.load(folder[0])
   got = P.prompt_string(proc, "How many objects are there?", "counting", 1)
-  want = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-          "<|vision_start|><|image_pad|><|vision_end|>How many objects are there? Output the thinking process in "
-          "<think> </think> and final answer (number) in <answer> </answer> tags.<|im_end|>\n"
-          "<|im_start|>assistant\n")
+  want = (
+      "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+      "<|vision_start|><|image_pad|><|vision_end|>How many objects are there? Output the thinking process in "
+      "<think> </think> and final answer (number) in <answer> </answer> tags.<|im_end|>\n"
+      "<|im_start|>assistant\n"
+  )
   assert got == want
   two = P.prompt_string(proc, "Q", "spatial", 2)
   assert "user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>The first" in two
@@ -100,8 +108,14 @@ def test_batch_matches_transformers_processor(folder):
   examples = _examples(4, sizes=((112, 112), (84, 140), (200, 150)))
   batch = P.prompt_batch(proc, examples, buckets=[64, 128, 256, 512])
   texts = [P.prompt_string(proc, ex["problem"], ex["task"], len(ex["images"])) for ex in examples]
-  want = ref(text=texts, images=[im for ex in examples for im in ex["images"]], return_tensors="np",
-             padding="max_length", max_length=batch["input_ids"].shape[1], padding_side="left")
+  want = ref(
+      text=texts,
+      images=[im for ex in examples for im in ex["images"]],
+      return_tensors="np",
+      padding="max_length",
+      max_length=batch["input_ids"].shape[1],
+      padding_side="left",
+  )
   for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
     np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
   np.testing.assert_allclose(batch["pixel_values"], want["pixel_values"], atol=1e-6)

@@ -1,4 +1,5 @@
 """Synthetic CLEVR-Math-like data: determinism, solver correctness (metadata and pixels), OOD split, noisy solvers."""
+
 import io
 import json
 import re
@@ -64,7 +65,7 @@ def test_rendered_pixels_match_metadata():
     seen = {}
     for r in range(CFG.grid):
       for c in range(CFG.grid):
-        cell_3 = img_HW3[r * CFG.cell:(r + 1) * CFG.cell, c * CFG.cell:(c + 1) * CFG.cell].reshape(-1, 3)
+        cell_3 = img_HW3[r * CFG.cell : (r + 1) * CFG.cell, c * CFG.cell : (c + 1) * CFG.cell].reshape(-1, 3)
         names = {name for name, rgb in syn.COLORS.items() if (cell_3 == rgb).all(-1).sum() > 20}
         assert len(names) <= 1
         if names:

@@ -10,6 +10,7 @@ or a wrong gather moves them by far more, and the discrete outputs (sampled toke
 agree exactly for the sums to agree at all. Each worker records the files it writes (Python audit events) and the
 metric lines trainer.run returned to it.
 """
+
 import atexit
 import json
 import os
@@ -32,6 +33,7 @@ def get_config(root: str):
   """`experiments/train.py --config tests/test_multihost_trainer.py:ROOT`: the tiny config of tests/test_trainer.py
   on a (1, 4, 2) mesh with batches that divide it: 4 SFT rows, 2 prompts x G=4 RL rows, 4 eval prompts."""
   from test_trainer import tiny_config
+
   c = tiny_config(root)
   c.mesh.shape = (1, 4, 2)
   c.data.prompt_buckets = (256,)
@@ -53,16 +55,36 @@ def _free_port() -> int:
 def _launch(root: str, tag: str, overrides: list[str], timeout: int = 240) -> list[subprocess.CompletedProcess]:
   """experiments/train.py in two processes; returns both (each leaves root/record_{tag}_{rank}.json, see _worker)."""
   port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
-             # A later launch loads what an earlier one compiled (process 0 writes the cache, every process reads).
-             JAX_COMPILATION_CACHE_DIR=f"{root}_jax_cache", JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  procs = [subprocess.Popen(
-      [sys.executable, __file__, os.path.join(root, f"record_{tag}_{r}.json"),
-       "--config", f"{__file__}:{root}", "--config.mesh.distributed=True",
-       f"--config.mesh.coordinator_address=127.0.0.1:{port}", "--config.mesh.num_processes=2",
-       f"--config.mesh.process_id={r}", *overrides],
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+  env = dict(
+      os.environ,
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      JAX_PLATFORMS="cpu",
+      PYTHONPATH=os.pathsep.join([ROOT, HERE, os.environ.get("PYTHONPATH", "")]),
+      # A later launch loads what an earlier one compiled (process 0 writes the cache, every process reads).
+      JAX_COMPILATION_CACHE_DIR=f"{root}_jax_cache",
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+  )
+  procs = [
+      subprocess.Popen(
+          [
+              sys.executable,
+              __file__,
+              os.path.join(root, f"record_{tag}_{r}.json"),
+              "--config",
+              f"{__file__}:{root}",
+              "--config.mesh.distributed=True",
+              f"--config.mesh.coordinator_address=127.0.0.1:{port}",
+              "--config.mesh.num_processes=2",
+              f"--config.mesh.process_id={r}",
+              *overrides,
+          ],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for r in range(2)
+  ]
   try:
     logs = [p.communicate(timeout=timeout)[0] for p in procs]
   finally:
@@ -80,8 +102,11 @@ def _record(root: str, tag: str, rank: int) -> dict:
   """What process `rank` of launch `tag` wrote under root (its own record left out) and got back from trainer.run."""
   with open(os.path.join(root, f"record_{tag}_{rank}.json")) as f:
     r = json.load(f)
-  r["writes"] = {os.path.relpath(p, root) for p in r["writes"]
-                 if p.startswith(root + os.sep) and not os.path.basename(p).startswith("record_")}
+  r["writes"] = {
+      os.path.relpath(p, root)
+      for p in r["writes"]
+      if p.startswith(root + os.sep) and not os.path.basename(p).startswith("record_")
+  }
   return r
 
 
@@ -100,6 +125,7 @@ def _same(a: list[dict], b: list[dict], rel: float):
 
 def _weights(folder: str) -> dict:
   from safetensors.numpy import load_file
+
   return load_file(os.path.join(folder, "model.safetensors"))
 
 
@@ -117,6 +143,7 @@ def _write_aux_store(cfg, path: str) -> None:
   from ekipl_jax.data import synthetic
   from ekipl_jax.sampling import aux_store
   from ekipl_jax.train import data as data_lib
+
   builder = data_lib.prepare(cfg.data)
   with aux_store.AuxStoreWriter(path) as w:
     for ex in data_lib.first(data_lib.source(builder, cfg.data.train_split), 0):
@@ -131,6 +158,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   from ekipl_jax.rl import update
   from ekipl_jax.train import metrics as metrics_lib
   from ekipl_jax.train import trainer
+
   root = str(tmp_path)
   cfg = get_config(root)
   read = lambda workdir: metrics_lib.read_jsonl(os.path.join(root, workdir, "metrics.jsonl"))
@@ -150,8 +178,13 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   # EKIPL from the 2-process SFT policy on two processes, killed after the checkpoint of step 2 and resumed by two
   # new processes; against one process that was never killed.
   _write_aux_store(cfg, os.path.join(root, "aux"))
-  rl = ["--config.stage=rl", f"--config.workdir={root}/rl2", f"--config.model.init_from={root}/sft2/hf",
-        f"--config.aux.store={root}/aux", "--config.aux.sources=('solver_strong',)"]
+  rl = [
+      "--config.stage=rl",
+      f"--config.workdir={root}/rl2",
+      f"--config.model.init_from={root}/sft2/hf",
+      f"--config.aux.store={root}/aux",
+      "--config.aux.sources=('solver_strong',)",
+  ]
   killed = _launch(root, "rl_killed", rl + ["--config.fail_at_step=2"])
   assert all(p.returncode != 0 and "InjectedFailure" in p.stdout for p in killed), killed[0].stdout[-3000:]
   resumed = _launch(root, "rl_resumed", rl)
@@ -165,8 +198,11 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   # Evaluations at steps 0, 2, 3; the external rows earned rewards, so the gradients were not zero.
   assert [l["step"] for l in rl1["metrics"]] == [0, 1, 2, 3]
   assert all("eval/test_id/accuracy" in l for l in rl1["metrics"] if l["step"] in (0, 2, 3))
-  assert all(l["groups/external_rows"] == 2.0 and l["pool/reward_mean/external"] > 0 and l["grad_norm"] > 0.1
-             for l in rl1["metrics"] if l["step"] > 0)
+  assert all(
+      l["groups/external_rows"] == 2.0 and l["pool/reward_mean/external"] > 0 and l["grad_norm"] > 0.1
+      for l in rl1["metrics"]
+      if l["step"] > 0
+  )
 
   # Every process got the whole metric history back (read after process 0 closed the file).
   for tag, workdir in (("sft", "sft2"), ("rl_resumed", "rl2")):
@@ -185,10 +221,20 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
   mesh, _, _, _, params, _ = trainer.setup(cfg)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   state = trainer.init_state(params, optimizer, trainer.state_sharding(params, optimizer, mesh))
-  same = optax.tree_map_params(optimizer, lambda m, p: m.sharding == p.sharding, state.opt_state, state.params,
-                               transform_non_params=lambda _: True)
-  sharded = optax.tree_map_params(optimizer, lambda m, p: not m.is_fully_replicated, state.opt_state, state.params,
-                                  transform_non_params=lambda _: False)
+  same = optax.tree_map_params(
+      optimizer,
+      lambda m, p: m.sharding == p.sharding,
+      state.opt_state,
+      state.params,
+      transform_non_params=lambda _: True,
+  )
+  sharded = optax.tree_map_params(
+      optimizer,
+      lambda m, p: not m.is_fully_replicated,
+      state.opt_state,
+      state.params,
+      transform_non_params=lambda _: False,
+  )
   assert all(jax.tree.leaves(same)) and sum(jax.tree.leaves(sharded)) > 0
 
 
@@ -196,14 +242,16 @@ def _worker(record_path: str) -> None:
   """Runs experiments/train.py as __main__ and leaves in record_path the files this process opened for writing,
   created, renamed, removed or copied to (Python audit events) and the metric lines trainer.run returned to it."""
   from ekipl_jax.train import trainer
+
   record = {"writes": [], "metrics": None}
   path_arg = {"open": 0, "os.mkdir": 0, "os.rename": 1, "os.remove": 0, "shutil.copyfile": 1}
 
   def hook(event, args):
     if event not in path_arg or not isinstance(args[path_arg[event]], (str, bytes, os.PathLike)):
       return
-    if event == "open" and not (any(m in str(args[1] or "") for m in "wax+") or
-                                (args[2] or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+    if event == "open" and not (
+        any(m in str(args[1] or "") for m in "wax+") or (args[2] or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+    ):
       return
     record["writes"].append(os.path.abspath(os.fsdecode(args[path_arg[event]])))
 
@@ -215,6 +263,7 @@ def _worker(record_path: str) -> None:
   def dump():
     with open(record_path, "w") as f:
       json.dump(record, f)
+
   run_stage, trainer.run = trainer.run, run
   sys.addaudithook(hook)
   atexit.register(dump)

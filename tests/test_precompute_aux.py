@@ -1,5 +1,6 @@
 """Auxiliary-store writers (ekipl_jax/data/aux_sources.py): dataset CoT, scripted solvers, a local checkpoint through
 our sampler, and an OpenAI-compatible endpoint (a loopback server started here); contamination guard; the CLI."""
+
 import base64
 import io
 import json
@@ -66,7 +67,7 @@ def test_cot_source(tmp_path):
   assert (summary["written"], summary["failed"]) == (4, 1) and summary["failures"][0]["id"] == exs[2]["id"]
   with open_store(root) as store:
     assert exs[2]["id"] not in store and store.sources() == ["dataset_cot"]
-    r, = store.get(exs[0]["id"])
+    (r,) = store.get(exs[0]["id"])
     assert r.text == f"<think>\n{exs[0]['cot']}\n</think>\n<answer>\n{exs[0]['answer']}\n</answer>"
     assert r.provenance["kind"] == "dataset_cot" and r.provenance["split"] == "train"
     assert r.provenance["dataset"] == "/data/A3-Visual-Counting-train-35k-cot.json"
@@ -102,14 +103,20 @@ def tiny_checkpoint(tmp_path_factory) -> str:
   import hf_fixtures as F
 
   root = tmp_path_factory.mktemp("ckpt")
-  proc_dir = T.build_processor_folder(S.corpus(CFG, 40) + P.template_corpus(), str(root / "proc"), 384,
-                                      "qwen2_vl", min_pixels=112 * 112, max_pixels=112 * 112)
+  proc_dir = T.build_processor_folder(
+      S.corpus(CFG, 40) + P.template_corpus(),
+      str(root / "proc"),
+      384,
+      "qwen2_vl",
+      min_pixels=112 * 112,
+      max_pixels=112 * 112,
+  )
   ids = T.read_special_token_ids(proc_dir)
   cfg = F.tiny_config_dict("qwen2_vl")
-  cfg["text_config"].update(vocab_size=ids["vocab_size"], eos_token_id=ids["eos_token_id"],
-                            pad_token_id=ids["pad_token_id"])
-  cfg.update({k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                  "vision_end_token_id")})
+  cfg["text_config"].update(
+      vocab_size=ids["vocab_size"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"]
+  )
+  cfg.update({k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")})
   model, params = models.init(cfg, jax.random.key(0))
   out = str(root / "tiny_policy")
   models.save_pretrained(model, params, out, processor_dir=proc_dir)
@@ -122,8 +129,18 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
   from ekipl_jax import models
 
   root, exs = str(tmp_path / "aux"), _examples("train", 3)
-  kw = dict(k=2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=6, batch_size=2, seed=1,
-            min_pixels=112 * 112, max_pixels=112 * 112, prompt_buckets=(128, 256))
+  kw = dict(
+      k=2,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      max_new_tokens=6,
+      batch_size=2,
+      seed=1,
+      min_pixels=112 * 112,
+      max_pixels=112 * 112,
+      prompt_buckets=(128, 256),
+  )
   summary = A.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
   assert (summary["written"], summary["skipped"], summary["failed"]) == (6, 0, 0)
   proc = P.load(tiny_checkpoint, 112 * 112, 112 * 112)
@@ -136,8 +153,14 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
         prov = r.provenance
         assert prov["kind"] == "checkpoint" and prov["model"] == os.path.abspath(tiny_checkpoint)
         assert r.behaviour_tokenizer == os.path.abspath(tiny_checkpoint)
-        assert r.sampling == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 6, "seed": 1,
-                              "dtype": "float32"}
+        assert r.sampling == {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "max_new_tokens": 6,
+            "seed": 1,
+            "dtype": "float32",
+        }
         ids = prov["sampled_token_ids"]
         assert 1 <= len(ids) <= 6 and prov["finished"] == (ids[-1] == proc.eos_token_id)
         body = ids[:-1] if prov["finished"] else ids
@@ -155,13 +178,17 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
   comp_mask = np.zeros_like(comp)
   for i, r in enumerate(recs):
     ids = r.provenance["sampled_token_ids"]
-    comp[i, :len(ids)], comp_mask[i, :len(ids)] = ids, 1
-  inputs = (np.concatenate([pb["input_ids"], comp], 1), np.concatenate([pb["attention_mask"], comp_mask], 1),
-            pb["pixel_values"], pb["image_grid_thw"])  # host constants: positions and vision layout need them
+    comp[i, : len(ids)], comp_mask[i, : len(ids)] = ids, 1
+  inputs = (
+      np.concatenate([pb["input_ids"], comp], 1),
+      np.concatenate([pb["attention_mask"], comp_mask], 1),
+      pb["pixel_values"],
+      pb["image_grid_thw"],
+  )  # host constants: positions and vision layout need them
   want, _ = jax.jit(lambda p: models.token_logprobs(model, p, *inputs, targets_from=pb["input_ids"].shape[1]))(params)
   for i, r in enumerate(recs):
     got = r.behaviour_logprobs or r.provenance["sampled_logprobs"]
-    np.testing.assert_allclose(got, np.asarray(want)[i, :len(got)], atol=2e-4)
+    np.testing.assert_allclose(got, np.asarray(want)[i, : len(got)], atol=2e-4)
   # resume: nothing to sample, the policy is not even loaded
   monkeypatch.setattr(models, "load_pretrained", lambda *a, **k: pytest.fail("loaded the policy on resume"))
   again = A.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
@@ -183,6 +210,7 @@ class FakeOpenAI:
     server = self
 
     class Handler(BaseHTTPRequestHandler):
+
       def log_message(self, *args):
         pass
 
@@ -206,7 +234,7 @@ class FakeOpenAI:
       self.problems.append(f"path {h.path} / auth {h.headers.get('Authorization')}")
     if body.get("model") != "test-model" or body.get("temperature") != 0.7 or body.get("max_tokens") != 64:
       self.problems.append(f"settings {body}")
-    msg, = body["messages"]
+    (msg,) = body["messages"]
     image, text = msg["content"]
     url = image["image_url"]["url"]
     if msg["role"] != "user" or image["type"] != "image_url" or not url.startswith("data:image/png;base64,"):
@@ -230,10 +258,19 @@ class FakeOpenAI:
     if action.isdigit():  # an HTTP error status
       reply, status = {"error": {"message": f"scripted {action}"}}, int(action)
     else:
-      reply, status = {"id": f"chatcmpl-{key}-{attempt}", "object": "chat.completion", "model": "test-model-0613",
-                       "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                           "role": "assistant", "content": f"<think>\n{key}\n</think>\n<answer>\n3\n</answer>"}}],
-                       "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}, 200
+      reply, status = {
+          "id": f"chatcmpl-{key}-{attempt}",
+          "object": "chat.completion",
+          "model": "test-model-0613",
+          "choices": [
+              {
+                  "index": 0,
+                  "finish_reason": "stop",
+                  "message": {"role": "assistant", "content": f"<think>\n{key}\n</think>\n<answer>\n3\n</answer>"},
+              }
+          ],
+          "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+      }, 200
     data = json.dumps(reply).encode()
     with self.lock:  # answered from here on: the client may send its next request before this thread ends
       self.in_flight -= 1
@@ -267,14 +304,14 @@ def serve(monkeypatch):
   def start(**kw) -> FakeOpenAI:
     servers.append(FakeOpenAI(**kw))
     return servers[-1]
+
   yield start
   for s in servers:
     s.close()
 
 
 def _endpoint(server: FakeOpenAI, **kw) -> A.Endpoint:
-  kw = {"api_key_env": "TEST_OPENAI_KEY", "concurrency": 4, "timeout_s": 0.4, "max_retries": 2, "backoff_s": 0.01,
-        **kw}
+  kw = {"api_key_env": "TEST_OPENAI_KEY", "concurrency": 4, "timeout_s": 0.4, "max_retries": 2, "backoff_s": 0.01, **kw}
   return A.Endpoint(server.base_url, "test-model", **kw)
 
 
@@ -294,12 +331,16 @@ def test_openai_errors_retries_and_timeouts(tmp_path, serve):
   assert server.requests == {"q0": 1, "q1": 2, "q2": 1, "q3": 2, "q4": 3, "q5": 3}  # 400: no retry; max 2 retries
   with open_store(root) as store:
     assert exs[2]["id"] not in store and exs[4]["id"] not in store
-    r, = store.get(exs[1]["id"])
+    (r,) = store.get(exs[1]["id"])
     assert r.text == "<think>\nq1\n</think>\n<answer>\n3\n</answer>" and r.source == "gpt-test"
     assert r.sampling == {**SETTINGS, "seed": 5}
     p = r.provenance
     assert (p["kind"], p["model"], p["endpoint"], p["served_model"]) == (
-        "openai", "test-model", server.base_url, "test-model-0613")
+        "openai",
+        "test-model",
+        server.base_url,
+        "test-model-0613",
+    )
     assert p["response_id"] == "chatcmpl-q1-1" and p["attempts"] == 2 and p["finish_reason"] == "stop"
     assert p["usage"]["total_tokens"] == 15
   for name in os.listdir(root):  # the key is never written
@@ -309,8 +350,7 @@ def test_openai_errors_retries_and_timeouts(tmp_path, serve):
 def test_openai_resume_and_bounded_concurrency(tmp_path, serve):
   server = serve(delay_s=0.1)
   root, exs = str(tmp_path / "aux"), _questions(12)
-  summary = A.write_from_openai(exs, root, "gpt-test", _endpoint(server, concurrency=3, timeout_s=5.0), k=2,
-                                **SETTINGS)
+  summary = A.write_from_openai(exs, root, "gpt-test", _endpoint(server, concurrency=3, timeout_s=5.0), k=2, **SETTINGS)
   assert (summary["written"], summary["failed"]) == (24, 0) and server.problems == []
   assert server.max_in_flight == 3  # bounded, and actually concurrent
   sent = dict(server.requests)
@@ -329,8 +369,9 @@ def test_openai_key_and_guard(tmp_path, serve, monkeypatch):
   with pytest.raises(ValueError, match="TEST_OPENAI_KEY"):
     A.write_from_openai(exs, str(tmp_path / "a"), "g", _endpoint(server), **SETTINGS)
   with pytest.raises(ContaminationError, match=exs[1]["id"]):
-    A.write_from_openai(exs, str(tmp_path / "b"), "g", _endpoint(server, api_key_env=""),
-                        refuse_ids={exs[1]["id"]}, **SETTINGS)
+    A.write_from_openai(
+        exs, str(tmp_path / "b"), "g", _endpoint(server, api_key_env=""), refuse_ids={exs[1]["id"]}, **SETTINGS
+    )
   assert server.requests == {}  # refused before any request
 
 
@@ -341,9 +382,19 @@ def test_cli_writes_train_and_refuses_eval_split(tmp_path, capsys, monkeypatch):
   from absl import flags
 
   store = str(tmp_path / "aux")
-  argv = ["precompute_aux", "--source=solver", "--name=solver_strong", "--accuracy=1.0", "--k=2", f"--store={store}",
-          "--data.builder=synthetic_reasoning", "--data.num_train=6", "--data.num_test=2", "--data.image_size=112",
-          f"--data.data_dir={tmp_path / 'tfds'}"]
+  argv = [
+      "precompute_aux",
+      "--source=solver",
+      "--name=solver_strong",
+      "--accuracy=1.0",
+      "--k=2",
+      f"--store={store}",
+      "--data.builder=synthetic_reasoning",
+      "--data.num_train=6",
+      "--data.num_test=2",
+      "--data.image_size=112",
+      f"--data.data_dir={tmp_path / 'tfds'}",
+  ]
   monkeypatch.setattr(sys, "argv", argv)  # ml_collections defines the --data.* override flags from sys.argv
   path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "precompute_aux.py")
   spec = importlib.util.spec_from_file_location("precompute_aux", path)

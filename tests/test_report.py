@@ -1,4 +1,5 @@
 """Report helpers against hand-computed values and the combinatorial definition of Pass@k."""
+
 import itertools
 import math
 
@@ -17,8 +18,12 @@ def test_pass_at_k_matches_enumeration(n, c, k):
 
 
 def test_curves_mean_and_std_over_seeds():
-  runs = {"grpo": [[{"step": 0, "acc": 10.0}, {"step": 5, "acc": 20.0}],
-                   [{"step": 0, "acc": 30.0}, {"step": 5, "acc": 40.0}, {"step": 9, "acc": 1.0}]]}
+  runs = {
+      "grpo": [
+          [{"step": 0, "acc": 10.0}, {"step": 5, "acc": 20.0}],
+          [{"step": 0, "acc": 30.0}, {"step": 5, "acc": 40.0}, {"step": 9, "acc": 1.0}],
+      ]
+  }
   steps, mean, std = report.curves(runs, "acc")["grpo"]
   np.testing.assert_array_equal(steps, [0, 5])  # step 9 is not in every seed
   np.testing.assert_allclose(mean, [20.0, 30.0])

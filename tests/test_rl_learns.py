@@ -10,6 +10,7 @@ The expected reward is measured before and after training on the same prompts wi
 samples, so the margin asserted is far beyond sampling noise (std of one measurement < 0.02). With the advantage's
 sign flipped in rl/advantages.py both cases fail (the expected reward falls to ~0.00).
 """
+
 import types
 
 import jax
@@ -26,9 +27,9 @@ from ekipl_jax.train import rl as train_rl
 from hf_fixtures import tiny_config_dict
 
 V, EOS, PAD, TARGET = 32, 2, 0, 7  # vocabulary, end of completion, padding, the rewarded token
-B, P, C, G = 4, 6, 6, 8            # prompts per step, prompt tokens, completion slots, group size
-STEPS = 12                         # RL steps
-EVAL_SAMPLES = 64                  # samples per prompt when measuring the expected reward
+B, P, C, G = 4, 6, 6, 8  # prompts per step, prompt tokens, completion slots, group size
+STEPS = 12  # RL steps
+EVAL_SAMPLES = 64  # samples per prompt when measuring the expected reward
 
 
 def tiny_policy(seed: int = 0):
@@ -75,15 +76,37 @@ def rl_cfg(selection_mode: str):
 
 
 def sample(model, params, ids_BP, mask_BP, n: int, rng):
-  return sampling.generate(model, params, ids_BP, mask_BP, max_new_tokens=C, temperature=1.0,
-                           eos_token_ids=[EOS], rng=rng, num_samples=n, pad_token_id=PAD, prompt_buckets=(P,))
+  return sampling.generate(
+      model,
+      params,
+      ids_BP,
+      mask_BP,
+      max_new_tokens=C,
+      temperature=1.0,
+      eos_token_ids=[EOS],
+      rng=rng,
+      num_samples=n,
+      pad_token_id=PAD,
+      prompt_buckets=(P,),
+  )
 
 
 def expected_reward(model, params, ids_BP, mask_BP) -> float:
   out = sample(model, params, ids_BP, mask_BP, EVAL_SAMPLES, jax.random.key(123))
-  g = groups_lib.assemble(ids_BP, mask_BP, [str(b) for b in range(B)], out, None, tokenize=tokenize,
-                          detokenize=detokenize, end_ids=[EOS], eos_token_ids=[EOS], source_names=(),
-                          k_per_source=0, pad_id=PAD)
+  g = groups_lib.assemble(
+      ids_BP,
+      mask_BP,
+      [str(b) for b in range(B)],
+      out,
+      None,
+      tokenize=tokenize,
+      detokenize=detokenize,
+      end_ids=[EOS],
+      eos_token_ids=[EOS],
+      source_names=(),
+      k_per_source=0,
+      pad_id=PAD,
+  )
   return float(np.mean([reward(t) for t in g.texts]))
 
 
@@ -91,14 +114,26 @@ def rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step: int):
   """One GRPO / EKIPL step as train/rl.py does it, minus the dataset and the processor."""
   rng = jax.random.fold_in(jax.random.key(0), step)
   out = sample(model, state.params, ids_BP, mask_BP, cfg.num_policy_samples, rng)
-  g = groups_lib.assemble(ids_BP, mask_BP, [str(b) for b in range(B)], out, store, tokenize=tokenize,
-                          detokenize=detokenize, end_ids=[EOS], eos_token_ids=[EOS],
-                          source_names=("oracle",) if store else (), k_per_source=1, pad_id=PAD)
+  g = groups_lib.assemble(
+      ids_BP,
+      mask_BP,
+      [str(b) for b in range(B)],
+      out,
+      store,
+      tokenize=tokenize,
+      detokenize=detokenize,
+      end_ids=[EOS],
+      eos_token_ids=[EOS],
+      source_names=("oracle",) if store else (),
+      k_per_source=1,
+      pad_id=PAD,
+  )
   r_R = np.array([reward(t) for t in g.texts])
   keep, _ = selection.select(r_R, g.source_R, g.prompt_index_R, cfg)
   A_K = advantages.compute(r_R[keep], g.prompt_index_R[keep], g.source_R[keep], cfg)
-  batch = batching.rows_batch(model, g.prompt_ids_RP[keep], g.prompt_mask_RP[keep], g.completion_ids_RC[keep],
-                              g.completion_mask_RC[keep])
+  batch = batching.rows_batch(
+      model, g.prompt_ids_RP[keep], g.prompt_mask_RP[keep], g.completion_ids_RC[keep], g.completion_mask_RC[keep]
+  )
   batch.update(advantages=A_K, is_external=g.source_R[keep] > 0)
   state, _ = train_step(state, jax.tree.map(jnp.asarray, batch))
   return state, float(r_R[g.source_R == 0].mean())

@@ -1,4 +1,5 @@
 """The GRPO loss against an independent numpy transcription of METHOD.md sect. 1-3, and its gradient per token."""
+
 import itertools
 
 import jax
@@ -9,11 +10,12 @@ import pytest
 from ekipl_jax.rl import config, loss
 
 
-
 @pytest.fixture(autouse=True)
 def _strict_ranks():
   with jax.numpy_rank_promotion("raise"):
     yield
+
+
 B, C = 6, 5
 
 
@@ -67,15 +69,31 @@ def np_loss(d, cfg):
 
 def jax_loss(d, cfg, logp=None):
   logp = jnp.asarray(d["logp"]) if logp is None else logp
-  return loss.grpo_loss(logp, d["old"], d["ref"] if cfg.beta else None, d["A"], d["mask"], d["ext"], d["beh"], cfg,
-                        has_behaviour_B=d["has_beh"], entropy_BC=d["ent"])
+  return loss.grpo_loss(
+      logp,
+      d["old"],
+      d["ref"] if cfg.beta else None,
+      d["A"],
+      d["mask"],
+      d["ext"],
+      d["beh"],
+      cfg,
+      has_behaviour_B=d["has_beh"],
+      entropy_BC=d["ent"],
+  )
 
 
 @pytest.mark.parametrize("aggregation,treatment", list(itertools.product(loss.AGGREGATIONS, loss.TREATMENTS)))
 def test_loss_matches_numpy(aggregation, treatment):
   d = _inputs()
-  cfg = _cfg(aggregation=aggregation, external_treatment=treatment, eps_high=0.28, dual_clip=1.5,
-             entropy_coef=0.01, max_len_norm=7)
+  cfg = _cfg(
+      aggregation=aggregation,
+      external_treatment=treatment,
+      eps_high=0.28,
+      dual_clip=1.5,
+      entropy_coef=0.01,
+      max_len_norm=7,
+  )
   loss_sum, denom, _ = jax_loss(d, cfg)
   np.testing.assert_allclose(loss_sum / denom, np_loss(d, cfg), rtol=1e-5)
   expected_denom = d["mask"].sum() if aggregation == "token_mean" else B

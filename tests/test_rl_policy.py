@@ -1,4 +1,5 @@
 """The update step with the real tiny Qwen2-VL policy (text only): 8-device mesh with micro-batches == 1 device."""
+
 import functools
 
 import jax
@@ -15,18 +16,23 @@ B, P, C = 8, 4, 5
 
 
 def _logprob_fn(model, params, batch):
-  return models.token_logprobs(model, params, batch["input_ids"], batch["attention_mask"], targets_from=P + 0,
-                               chunk_size=4)
+  return models.token_logprobs(
+      model, params, batch["input_ids"], batch["attention_mask"], targets_from=P + 0, chunk_size=4
+  )
 
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, C + 1, B)
   mask = (np.arange(C)[None] < lengths[:, None]).astype(np.float32)
-  return {"input_ids": rng.integers(3, TEXT_VOCAB, (B, P + C)).astype(np.int32),
-          "attention_mask": np.concatenate([np.ones((B, P), np.int32), mask.astype(np.int32)], 1),
-          "mask": mask, "advantages": rng.normal(0, 1, B).astype(np.float32), "is_external": np.arange(B) % 4 == 3,
-          "ref_logp": np.full((B, C), -5.0, np.float32)}
+  return {
+      "input_ids": rng.integers(3, TEXT_VOCAB, (B, P + C)).astype(np.int32),
+      "attention_mask": np.concatenate([np.ones((B, P), np.int32), mask.astype(np.int32)], 1),
+      "mask": mask,
+      "advantages": rng.normal(0, 1, B).astype(np.float32),
+      "is_external": np.arange(B) % 4 == 3,
+      "ref_logp": np.full((B, C), -5.0, np.float32),
+  }
 
 
 def _run(model, params, cfg, batch, mesh=None):

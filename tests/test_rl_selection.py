@@ -1,4 +1,5 @@
 """EKIPL selection and advantages: expected values worked out by hand / with numpy."""
+
 import numpy as np
 import pytest
 
@@ -76,13 +77,22 @@ def test_advantages_variants_vs_numpy():
   g = np.repeat([0, 1, 2], 4)
   src = np.tile([0, 0, 1, 2], 3)
   rg = r.reshape(3, 4)
-  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_std="none")),
-                             (rg - rg.mean(1, keepdims=True)).ravel(), rtol=1e-5)
-  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_std="batch")),
-                             ((rg - rg.mean(1, keepdims=True)) / (r.std(ddof=1) + 1e-4)).ravel(), rtol=1e-5)
-  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_ddof=0)),
-                             ((rg - rg.mean(1, keepdims=True)) / (rg.std(1, keepdims=True) + 1e-4)).ravel(), rtol=1e-5)
+  np.testing.assert_allclose(
+      advantages.compute(r, g, src, _cfg(adv_std="none")), (rg - rg.mean(1, keepdims=True)).ravel(), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      advantages.compute(r, g, src, _cfg(adv_std="batch")),
+      ((rg - rg.mean(1, keepdims=True)) / (r.std(ddof=1) + 1e-4)).ravel(),
+      rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+      advantages.compute(r, g, src, _cfg(adv_ddof=0)),
+      ((rg - rg.mean(1, keepdims=True)) / (rg.std(1, keepdims=True) + 1e-4)).ravel(),
+      rtol=1e-5,
+  )
   pol = rg[:, :2]  # grpo_split: mean and std of the policy rows only
-  np.testing.assert_allclose(advantages.compute(r, g, src, _cfg(adv_stats_from="policy")),
-                             ((rg - pol.mean(1, keepdims=True)) / (pol.std(1, ddof=1, keepdims=True) + 1e-4)).ravel(),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      advantages.compute(r, g, src, _cfg(adv_stats_from="policy")),
+      ((rg - pol.mean(1, keepdims=True)) / (pol.std(1, ddof=1, keepdims=True) + 1e-4)).ravel(),
+      rtol=1e-5,
+  )

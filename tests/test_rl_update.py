@@ -24,8 +24,11 @@ def _strict_ranks():
 
 def toy_params(seed: int = 0) -> dict:
   rng = np.random.default_rng(seed)
-  return {"embed": rng.normal(0, 0.5, (V, D)).astype(np.float32),
-          "w": rng.normal(0, 0.5, (D, V)).astype(np.float32), "b": np.zeros((V,), np.float32)}
+  return {
+      "embed": rng.normal(0, 0.5, (V, D)).astype(np.float32),
+      "w": rng.normal(0, 0.5, (D, V)).astype(np.float32),
+      "b": np.zeros((V,), np.float32),
+  }
 
 
 def toy_logprob_fn(params, batch):
@@ -40,13 +43,15 @@ def toy_logprob_fn(params, batch):
 def toy_batch(seed: int = 0, B: int = 16) -> dict:
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, C + 1, B)
-  return {"input_ids": rng.integers(0, V, (B, P + C)).astype(np.int32),
-          "mask": (np.arange(C)[None] < lengths[:, None]).astype(np.float32),
-          "advantages": rng.normal(0, 1, B).astype(np.float32),
-          "is_external": (np.arange(B) % 4 == 3),
-          "ref_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
-          "behaviour_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
-          "has_behaviour": (np.arange(B) % 8 == 3)}
+  return {
+      "input_ids": rng.integers(0, V, (B, P + C)).astype(np.int32),
+      "mask": (np.arange(C)[None] < lengths[:, None]).astype(np.float32),
+      "advantages": rng.normal(0, 1, B).astype(np.float32),
+      "is_external": (np.arange(B) % 4 == 3),
+      "ref_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+      "behaviour_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+      "has_behaviour": (np.arange(B) % 8 == 3),
+  }
 
 
 def rl_cfg(**kw):
@@ -99,9 +104,19 @@ def test_step_gradient_matches_direct_grad():
 
   def direct(p):
     logp, ent = toy_logprob_fn(p, batch)
-    s, d, _ = loss.grpo_loss(logp, logp, batch["ref_logp"], batch["advantages"], batch["mask"], batch["is_external"],
-                             None, cfg, entropy_BC=ent)
+    s, d, _ = loss.grpo_loss(
+        logp,
+        logp,
+        batch["ref_logp"],
+        batch["advantages"],
+        batch["mask"],
+        batch["is_external"],
+        None,
+        cfg,
+        entropy_BC=ent,
+    )
     return s / d
+
   g = jax.grad(direct)(params)
   p_new, m, _ = run_steps(cfg, batch)
   _close(jax.tree.map(lambda p, n: p - n, toy_params(), p_new), g, rtol=1e-5, atol=1e-7)
@@ -171,6 +186,8 @@ def test_config_defaults_and_schedules():
   assert float(update.lr_schedule(o)(5)) == 1.0
   o.schedule = "cosine"
   o.total_steps = 10
-  assert float(update.lr_schedule(o)(0)) == pytest.approx(1.0) and float(update.lr_schedule(o)(10)) == pytest.approx(0.0)
+  assert float(update.lr_schedule(o)(0)) == pytest.approx(1.0) and float(update.lr_schedule(o)(10)) == pytest.approx(
+      0.0
+  )
   o.warmup_steps, o.schedule = 4, "constant"
   assert float(update.lr_schedule(o)(2)) == pytest.approx(0.5) and float(update.lr_schedule(o)(9)) == 1.0

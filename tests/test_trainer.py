@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny config: SFT, then RL (EKIPL, with an auxiliary store), each killed after a
 checkpoint and resumed, must end with exactly the metrics and parameters of a run that was never killed."""
+
 import copy
 import json
 import os
@@ -23,9 +24,19 @@ def tiny_config(root: str):
   c.data.min_pixels = c.data.max_pixels = 84 * 84
   c.data.prompt_buckets = (128, 256)
   c.model.vocab_size = 400
-  c.model.arch.update(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                      intermediate_size=48, vision_hidden_size=16, vision_num_heads=2, vision_intermediate_size=24,
-                      vision_depth=2, vision_window_size=56, mrope_section=(2, 3, 3))
+  c.model.arch.update(
+      hidden_size=32,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+      intermediate_size=48,
+      vision_hidden_size=16,
+      vision_num_heads=2,
+      vision_intermediate_size=24,
+      vision_depth=2,
+      vision_window_size=56,
+      mrope_section=(2, 3, 3),
+  )
   c.sft.steps, c.sft.batch_size, c.sft.num_examples, c.sft.max_completion = 4, 4, 16, 256
   c.rl.steps, c.rl.batch_prompts = 4, 2
   c.rl.group_size, c.rl.num_policy_samples, c.rl.num_external_per_model = 3, 2, 1
@@ -67,8 +78,7 @@ def test_sft_then_ekipl_resume_exactly(tmp_path):
   with aux_store.AuxStoreWriter(store) as w:
     for ex in data_lib.first(data_lib.source(builder, "train"), 0):
       cot, ans = synthetic.solve(*_scene(ex))
-      w.append(aux_store.AuxResponse(id=ex["id"], source="solver_strong",
-                                     text=synthetic.format_response(cot, ans)))
+      w.append(aux_store.AuxResponse(id=ex["id"], source="solver_strong", text=synthetic.format_response(cot, ans)))
 
   rl_cfg = tiny_config(str(tmp_path))
   rl_cfg.stage, rl_cfg.model.init_from, rl_cfg.aux.store = "rl", full["hf"], store
@@ -114,4 +124,5 @@ def _scene(ex):
 
 def _weights(folder):
   from safetensors.numpy import load_file
+
   return load_file(os.path.join(folder, "model.safetensors"))

@@ -22,6 +22,7 @@ store on every append and on open; a refused id raises aux_store.ContaminationEr
 This module produces the store before training; nothing on the training path imports it (it imports the sampler and
 the policy lazily, for (b) only).
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -38,7 +39,7 @@ from ekipl_jax.data import chat_api, synthetic
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.sampling.aux_store import AuxResponse, AuxStoreWriter, ContaminationError, RefuseIds
 
-PROMPT_BUCKETS = tuple(64 * 2 ** i for i in range(7))  # 64 .. 4096 prompt tokens
+PROMPT_BUCKETS = tuple(64 * 2**i for i in range(7))  # 64 .. 4096 prompt tokens
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -61,8 +62,14 @@ def prompt_provenance(ex: dict, templates: dict[str, str] | None) -> dict:
 
 
 def _summary(name: str, store_dir: str, written: int, skipped: int, failures: list[dict]) -> dict:
-  return {"source": name, "store": store_dir, "written": written, "skipped": skipped, "failed": len(failures),
-          "failures": failures}
+  return {
+      "source": name,
+      "store": store_dir,
+      "written": written,
+      "skipped": skipped,
+      "failed": len(failures),
+      "failures": failures,
+  }
 
 
 def _done(writer: AuxStoreWriter, example_id: str, name: str, k: int) -> bool:
@@ -70,8 +77,16 @@ def _done(writer: AuxStoreWriter, example_id: str, name: str, k: int) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- (a) dataset cot
-def write_from_cot(examples: Iterable[dict], store_dir: str, name: str = "dataset_cot", *, dataset: str = "",
-                   split: str = "", model: str = "", refuse_ids: RefuseIds = None) -> dict:
+def write_from_cot(
+    examples: Iterable[dict],
+    store_dir: str,
+    name: str = "dataset_cot",
+    *,
+    dataset: str = "",
+    split: str = "",
+    model: str = "",
+    refuse_ids: RefuseIds = None,
+) -> dict:
   """One response per example: "<think>\\n{cot}\\n</think>\\n<answer>\\n{answer}\\n</answer>" (the Reason-RFT SFT
   target). Examples with an empty `cot` are reported as failures. `dataset`: the file / builder it came from."""
   examples = list(examples)
@@ -82,17 +97,37 @@ def write_from_cot(examples: Iterable[dict], store_dir: str, name: str = "datase
       if not ex.get("cot"):
         failures.append({"id": ex["id"], "sample": 0, "error": "empty cot field"})
         continue
-      prov = {"kind": "dataset_cot", "model": model or "unknown (dataset annotation)", "dataset": dataset,
-              "split": split, "prompt": prompt_provenance(ex, None)}
-      ok = w.append(AuxResponse(id=ex["id"], source=name, sample=0,
-                                text=processor_lib.sft_target(ex["cot"], ex["answer"]), provenance=prov))
+      prov = {
+          "kind": "dataset_cot",
+          "model": model or "unknown (dataset annotation)",
+          "dataset": dataset,
+          "split": split,
+          "prompt": prompt_provenance(ex, None),
+      }
+      ok = w.append(
+          AuxResponse(
+              id=ex["id"],
+              source=name,
+              sample=0,
+              text=processor_lib.sft_target(ex["cot"], ex["answer"]),
+              provenance=prov,
+          )
+      )
       written, skipped = written + ok, skipped + (not ok)
   return _summary(name, store_dir, written, skipped, failures)
 
 
 # ---------------------------------------------------------------------------------------------- (d) scripted solver
-def write_from_solver(examples: Iterable[dict], store_dir: str, name: str, accuracy: float, seed: int = 0,
-                      k: int = 1, *, refuse_ids: RefuseIds = None) -> dict:
+def write_from_solver(
+    examples: Iterable[dict],
+    store_dir: str,
+    name: str,
+    accuracy: float,
+    seed: int = 0,
+    k: int = 1,
+    *,
+    refuse_ids: RefuseIds = None,
+) -> dict:
   """k responses per synthetic example from `synthetic.noisy_response` (correct with probability `accuracy`;
   1.0 = the perfect solver). Each (id, sample) has its own generator seeded by (seed, crc32(id), sample), so a
   response does not depend on which other ids are written or on resuming."""
@@ -107,11 +142,23 @@ def write_from_solver(examples: Iterable[dict], store_dir: str, name: str, accur
           continue
         rng = np.random.default_rng([seed, zlib.crc32(ex["id"].encode()), s])
         text, answer = synthetic.noisy_response(ex["metadata"], accuracy, rng)
-        prov = {"kind": "scripted_solver", "model": f"synthetic.noisy_solve(accuracy={accuracy})",
-                "answer": str(answer), "correct": str(answer) == ex["answer"],
-                "prompt": prompt_provenance(ex, None)}
-        written += w.append(AuxResponse(id=ex["id"], source=name, sample=s, text=text,
-                                        sampling={"accuracy": accuracy, "seed": seed}, provenance=prov))
+        prov = {
+            "kind": "scripted_solver",
+            "model": f"synthetic.noisy_solve(accuracy={accuracy})",
+            "answer": str(answer),
+            "correct": str(answer) == ex["answer"],
+            "prompt": prompt_provenance(ex, None),
+        }
+        written += w.append(
+            AuxResponse(
+                id=ex["id"],
+                source=name,
+                sample=s,
+                text=text,
+                sampling={"accuracy": accuracy, "seed": seed},
+                provenance=prov,
+            )
+        )
   return _summary(name, store_dir, written, skipped, [])
 
 
@@ -139,16 +186,30 @@ def _padded_batches(items: list[Any], size: int) -> Iterable[tuple[list[Any], in
   """Batches of exactly `size` (the last one padded with copies of its first item, so shapes repeat) and the
   number of real items in each."""
   for i in range(0, len(items), size):
-    chunk = items[i:i + size]
+    chunk = items[i : i + size]
     yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
 
 
-def write_from_checkpoint(examples: Iterable[dict], store_dir: str, name: str, checkpoint: str, *, k: int = 1,
-                          temperature: float = 0.9, top_p: float = 0.9, top_k: int = 50, max_new_tokens: int = 512,
-                          batch_size: int = 8, seed: int = 0, min_pixels: int | None = None,
-                          max_pixels: int | None = None, prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-                          templates: dict[str, str] | None = None, dtype: str = "float32",
-                          refuse_ids: RefuseIds = None) -> dict:
+def write_from_checkpoint(
+    examples: Iterable[dict],
+    store_dir: str,
+    name: str,
+    checkpoint: str,
+    *,
+    k: int = 1,
+    temperature: float = 0.9,
+    top_p: float = 0.9,
+    top_k: int = 50,
+    max_new_tokens: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
+    templates: dict[str, str] | None = None,
+    dtype: str = "float32",
+    refuse_ids: RefuseIds = None,
+) -> dict:
   """k samples per example from the HF checkpoint folder (weights + its own processor files), prompts built as the
   trainer builds them (processor.prompt_batch). Behaviour log-probs are those of the distribution actually sampled
   from (temperature, top-k, top-p applied); behaviour_tokenizer = the checkpoint folder. dtype: float32 | bfloat16
@@ -161,8 +222,14 @@ def write_from_checkpoint(examples: Iterable[dict], store_dir: str, name: str, c
   examples = list(examples)
   check_refused([ex["id"] for ex in examples], refuse_ids)
   checkpoint = os.path.abspath(checkpoint)
-  sp = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens, "seed": seed,
-        "dtype": dtype}
+  sp = {
+      "temperature": temperature,
+      "top_p": top_p,
+      "top_k": top_k,
+      "max_new_tokens": max_new_tokens,
+      "seed": seed,
+      "dtype": dtype,
+  }
   written, skipped = 0, 0
   with AuxStoreWriter(store_dir, refuse_ids=refuse_ids) as w:
     todo = [ex for ex in examples if not _done(w, ex["id"], name, k)]
@@ -176,19 +243,47 @@ def write_from_checkpoint(examples: Iterable[dict], store_dir: str, name: str, c
     for b, (batch, n_real) in enumerate(_padded_batches(todo, batch_size)):
       pb = processor_lib.prompt_batch(proc, batch, prompt_buckets, templates)
       out = sampling.generate(
-          model, params, pb["input_ids"], pb["attention_mask"], pb["pixel_values"], pb["image_grid_thw"],
-          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-          eos_token_ids=[proc.eos_token_id], rng=jax.random.fold_in(jax.random.key(seed), b), num_samples=k,
-          pad_token_id=proc.pad_token_id, prompt_buckets=(pb["input_ids"].shape[1],))
+          model,
+          params,
+          pb["input_ids"],
+          pb["attention_mask"],
+          pb["pixel_values"],
+          pb["image_grid_thw"],
+          max_new_tokens=max_new_tokens,
+          temperature=temperature,
+          top_p=top_p,
+          top_k=top_k,
+          eos_token_ids=[proc.eos_token_id],
+          rng=jax.random.fold_in(jax.random.key(seed), b),
+          num_samples=k,
+          pad_token_id=proc.pad_token_id,
+          prompt_buckets=(pb["input_ids"].shape[1],),
+      )
       tokens_NC, lengths_N, logp_NC = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
       for i, ex in enumerate(batch[:n_real]):
         for s in range(k):
           row = i * k + s  # prompt-major rows
           text, extra, lp = _row_record(proc, tokens_NC[row], int(lengths_N[row]), logp_NC[row])
-          prov = {"kind": "checkpoint", "model": checkpoint, "model_type": model_type, "batch": b,
-                  "prompt": prompt_provenance(ex, templates), **extra}
-          ok = w.append(AuxResponse(id=ex["id"], source=name, sample=s, text=text, sampling=sp,
-                                    behaviour_logprobs=lp, behaviour_tokenizer=checkpoint, provenance=prov))
+          prov = {
+              "kind": "checkpoint",
+              "model": checkpoint,
+              "model_type": model_type,
+              "batch": b,
+              "prompt": prompt_provenance(ex, templates),
+              **extra,
+          }
+          ok = w.append(
+              AuxResponse(
+                  id=ex["id"],
+                  source=name,
+                  sample=s,
+                  text=text,
+                  sampling=sp,
+                  behaviour_logprobs=lp,
+                  behaviour_tokenizer=checkpoint,
+                  provenance=prov,
+              )
+          )
           written, skipped = written + ok, skipped + (not ok)
   return _summary(name, store_dir, written, skipped, [])
 
@@ -198,21 +293,24 @@ def write_from_checkpoint(examples: Iterable[dict], store_dir: str, name: str, c
 class Endpoint:
   """Where and how to ask. The key is read from the environment variable `api_key_env` ("" = send no key, e.g. a
   local vLLM / SGLang server)."""
-  base_url: str                        # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
-  model: str                           # e.g. gpt-4o, gemini-1.5-pro, the served model name
+
+  base_url: str  # e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1
+  model: str  # e.g. gpt-4o, gemini-1.5-pro, the served model name
   api_key_env: str = "OPENAI_API_KEY"
-  concurrency: int = 8                 # requests in flight at most
-  timeout_s: float = 120.0             # per attempt (socket connect / read)
-  max_retries: int = 5                 # extra attempts on 408/409/429/5xx/timeouts
-  backoff_s: float = 1.0               # first retry wait; doubles each time
+  concurrency: int = 8  # requests in flight at most
+  timeout_s: float = 120.0  # per attempt (socket connect / read)
+  max_retries: int = 5  # extra attempts on 408/409/429/5xx/timeouts
+  backoff_s: float = 1.0  # first retry wait; doubles each time
 
   def api_key(self) -> str | None:
     if not self.api_key_env:
       return None
     key = os.environ.get(self.api_key_env)
     if not key:
-      raise ValueError(f"environment variable {self.api_key_env!r} (the API key) is not set; pass api_key_env='' "
-                       f"for a server without authentication")
+      raise ValueError(
+          f"environment variable {self.api_key_env!r} (the API key) is not set; pass api_key_env='' "
+          f"for a server without authentication"
+      )
     return key
 
 
@@ -222,10 +320,21 @@ def chat_payload(ex: dict, model: str, sampling: dict, templates: dict[str, str]
   return {"model": model, "messages": chat_api.user_message(list(ex.get("images", [])), text), **sampling}
 
 
-def write_from_openai(examples: Iterable[dict], store_dir: str, name: str, endpoint: Endpoint, *, k: int = 1,
-                      temperature: float = 0.9, top_p: float = 0.9, max_tokens: int = 1024, seed: int | None = None,
-                      extra_body: dict | None = None, templates: dict[str, str] | None = None,
-                      refuse_ids: RefuseIds = None) -> dict:
+def write_from_openai(
+    examples: Iterable[dict],
+    store_dir: str,
+    name: str,
+    endpoint: Endpoint,
+    *,
+    k: int = 1,
+    temperature: float = 0.9,
+    top_p: float = 0.9,
+    max_tokens: int = 1024,
+    seed: int | None = None,
+    extra_body: dict | None = None,
+    templates: dict[str, str] | None = None,
+    refuse_ids: RefuseIds = None,
+) -> dict:
   """k chat completions per example, at most `endpoint.concurrency` in flight; (id, sample) keys already stored
   are not requested again. Sample s asks with seed + s when `seed` is given. `extra_body` is merged into every
   request (e.g. {"top_k": 50} for vLLM). Failed requests are listed in the summary and not stored."""
@@ -237,12 +346,20 @@ def write_from_openai(examples: Iterable[dict], store_dir: str, name: str, endpo
 
   def ask(ex: dict, s: int) -> tuple[dict, int]:
     payload = chat_payload(ex, endpoint.model, {**sp, **({} if seed is None else {"seed": seed + s})}, templates)
-    return chat_api.complete(endpoint.base_url, api_key, payload, timeout_s=endpoint.timeout_s,
-                             max_retries=endpoint.max_retries, backoff_s=endpoint.backoff_s)
+    return chat_api.complete(
+        endpoint.base_url,
+        api_key,
+        payload,
+        timeout_s=endpoint.timeout_s,
+        max_retries=endpoint.max_retries,
+        backoff_s=endpoint.backoff_s,
+    )
 
   written, skipped, failures = 0, 0, []
-  with AuxStoreWriter(store_dir, refuse_ids=refuse_ids) as w, \
-      concurrent.futures.ThreadPoolExecutor(max(1, endpoint.concurrency)) as pool:
+  with (
+      AuxStoreWriter(store_dir, refuse_ids=refuse_ids) as w,
+      concurrent.futures.ThreadPoolExecutor(max(1, endpoint.concurrency)) as pool,
+  ):
     futures = {}
     for ex in examples:
       for s in range(k):
@@ -258,12 +375,28 @@ def write_from_openai(examples: Iterable[dict], store_dir: str, name: str, endpo
         except chat_api.ChatAPIError as e:
           failures.append({"id": ex["id"], "sample": s, "status": e.status, "error": str(e)})
           continue
-        prov = {"kind": "openai", "model": endpoint.model, "endpoint": url, "served_model": reply.get("model"),
-                "response_id": reply.get("id"), "finish_reason": reply["choices"][0].get("finish_reason"),
-                "usage": reply.get("usage"), "attempts": attempts, "prompt": prompt_provenance(ex, templates)}
+        prov = {
+            "kind": "openai",
+            "model": endpoint.model,
+            "endpoint": url,
+            "served_model": reply.get("model"),
+            "response_id": reply.get("id"),
+            "finish_reason": reply["choices"][0].get("finish_reason"),
+            "usage": reply.get("usage"),
+            "attempts": attempts,
+            "prompt": prompt_provenance(ex, templates),
+        }
         sampling_rec = {**sp, **({} if seed is None else {"seed": seed + s})}
-        written += w.append(AuxResponse(id=ex["id"], source=name, sample=s, text=chat_api.reply_text(reply),
-                                        sampling=sampling_rec, provenance=prov))
+        written += w.append(
+            AuxResponse(
+                id=ex["id"],
+                source=name,
+                sample=s,
+                text=chat_api.reply_text(reply),
+                sampling=sampling_rec,
+                provenance=prov,
+            )
+        )
     except BaseException:
       pool.shutdown(wait=False, cancel_futures=True)
       raise

@@ -21,6 +21,7 @@ Reason-RFT folder layout (from the public repository's README; the JSON is read 
 
 `image` may be a string, a list of strings, or {"path": ...} (all seen in Reason-RFT's loader).
 """
+
 import dataclasses
 import io
 import json
@@ -36,16 +37,22 @@ from ekipl_jax.data import synthetic
 FILE_FORMAT = "array_record"
 
 REASON_RFT_FILES: dict[str, dict[str, str]] = {
-    "counting": {"train": "A3-Visual-Counting-train-35k-cot.json",
-                 "test_id": "Visual-Counting-id-test-1k.json",
-                 "test_ood": "Visual-Counting-ood-test-1k.json"},
-    "structure": {"train": "A2-Structure-Perception-train-4k5-cot.json",
-                  "test_id": "Structure-Perception-id-test-820.json",
-                  "test_ood": "Structure-Perception-ood-test-800.json"},
-    "spatial": {"train": "A1-Spatial-Transformation-train-60k-cot.json",
-                "test_id": "Spatial-Transformation-id-test-1k.json",
-                "test_ood_left": "Spatial-Transformation-ood-left-test-1k.json",
-                "test_ood_right": "Spatial-Transformation-ood-right-test-1k.json"},
+    "counting": {
+        "train": "A3-Visual-Counting-train-35k-cot.json",
+        "test_id": "Visual-Counting-id-test-1k.json",
+        "test_ood": "Visual-Counting-ood-test-1k.json",
+    },
+    "structure": {
+        "train": "A2-Structure-Perception-train-4k5-cot.json",
+        "test_id": "Structure-Perception-id-test-820.json",
+        "test_ood": "Structure-Perception-ood-test-800.json",
+    },
+    "spatial": {
+        "train": "A1-Spatial-Transformation-train-60k-cot.json",
+        "test_id": "Spatial-Transformation-id-test-1k.json",
+        "test_ood_left": "Spatial-Transformation-ood-left-test-1k.json",
+        "test_ood_right": "Spatial-Transformation-ood-right-test-1k.json",
+    },
 }
 
 
@@ -59,10 +66,19 @@ def image_root(root: str, split: str) -> str:
 
 def _features() -> tfds.features.FeaturesDict:
   text = tfds.features.Text()
-  return tfds.features.FeaturesDict({
-      "id": text, "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
-      "image": tfds.features.Sequence(text), "problem": text, "answer": text, "solution": text, "cot": text,
-      "task": text, "metadata": text})
+  return tfds.features.FeaturesDict(
+      {
+          "id": text,
+          "images": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
+          "image": tfds.features.Sequence(text),
+          "problem": text,
+          "answer": text,
+          "solution": text,
+          "cot": text,
+          "task": text,
+          "metadata": text,
+      }
+  )
 
 
 class RecordError(ValueError):
@@ -97,9 +113,17 @@ def parse_record(rec: Any, task: str, file_path: str, index: int, img_root: str)
     if not os.path.isfile(p):
       raise RecordError(f"{where}: image not found: {p}")
   known = {"id", "image", "problem", "answer", "solution", "cot"}
-  return {"id": str(rec["id"]), "images": full, "image": rel, "problem": rec["problem"], "answer": str(answer),
-          "solution": str(rec.get("solution", answer)), "cot": str(rec.get("cot") or ""), "task": task,
-          "metadata": json.dumps({k: v for k, v in rec.items() if k not in known}, sort_keys=True, default=str)}
+  return {
+      "id": str(rec["id"]),
+      "images": full,
+      "image": rel,
+      "problem": rec["problem"],
+      "answer": str(answer),
+      "solution": str(rec.get("solution", answer)),
+      "cot": str(rec.get("cot") or ""),
+      "task": task,
+      "metadata": json.dumps({k: v for k, v in rec.items() if k not in known}, sort_keys=True, default=str),
+  }
 
 
 def read_reason_rft_file(file_path: str, task: str, img_root: str) -> list[dict]:
@@ -119,10 +143,13 @@ class ReasonRftCot(tfds.core.GeneratorBasedBuilder):
   """Reason-RFT-CoT (tanhuajie2001/Reason-RFT-CoT-Dataset) from a local copy given as manual_dir."""
 
   VERSION = tfds.core.Version("1.0.0")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = ("Download tanhuajie2001/Reason-RFT-CoT-Dataset, unzip train_images.zip and "
-                                  "test_images.zip, and pass the folder as manual_dir.")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=task, description=f"Reason-RFT {task} task")
-                     for task in REASON_RFT_FILES]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+      "Download tanhuajie2001/Reason-RFT-CoT-Dataset, unzip train_images.zip and "
+      "test_images.zip, and pass the folder as manual_dir."
+  )
+  BUILDER_CONFIGS = [
+      tfds.core.BuilderConfig(name=task, description=f"Reason-RFT {task} task") for task in REASON_RFT_FILES
+  ]
 
   def __init__(self, **kwargs):
     kwargs.setdefault("file_format", FILE_FORMAT)
@@ -134,8 +161,10 @@ class ReasonRftCot(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = os.fspath(dl_manager.manual_dir)
     task = self.builder_config.name
-    return {split: self._generate_examples(json_path(root, split, name), task, image_root(root, split))
-            for split, name in REASON_RFT_FILES[task].items()}
+    return {
+        split: self._generate_examples(json_path(root, split, name), task, image_root(root, split))
+        for split, name in REASON_RFT_FILES[task].items()
+    }
 
   def _generate_examples(self, file_path: str, task: str, img_root: str):
     for ex in read_reason_rft_file(file_path, task, img_root):  # all records are checked before writing
@@ -145,20 +174,25 @@ class ReasonRftCot(tfds.core.GeneratorBasedBuilder):
 # ---------------------------------------------------------------------------------------------- synthetic
 @dataclasses.dataclass
 class SyntheticConfig(tfds.core.BuilderConfig):
-  seed: int = 0                 # generator seed
-  num_train: int = 2000         # examples per split
+  seed: int = 0  # generator seed
+  num_train: int = 2000  # examples per split
   num_test_id: int = 200
   num_test_ood: int = 200
-  image_size: int = 112         # square image side (px)
-  cell: int = 28                # grid cell (px); 28 = one merged vision token
-  min_objects: int = 2          # in-distribution object range
+  image_size: int = 112  # square image side (px)
+  cell: int = 28  # grid cell (px); 28 = one merged vision token
+  min_objects: int = 2  # in-distribution object range
   max_objects: int = 6
-  ood_max_objects: int = 9      # test_ood: [max_objects + 1, ood_max_objects] objects + held-out colour-shapes
+  ood_max_objects: int = 9  # test_ood: [max_objects + 1, ood_max_objects] objects + held-out colour-shapes
 
   def scene_config(self) -> synthetic.SceneConfig:
-    return synthetic.SceneConfig(seed=self.seed, image_size=self.image_size, cell=self.cell,
-                                 min_objects=self.min_objects, max_objects=self.max_objects,
-                                 ood_max_objects=self.ood_max_objects)
+    return synthetic.SceneConfig(
+        seed=self.seed,
+        image_size=self.image_size,
+        cell=self.cell,
+        min_objects=self.min_objects,
+        max_objects=self.max_objects,
+        ood_max_objects=self.ood_max_objects,
+    )
 
 
 class SyntheticReasoning(tfds.core.GeneratorBasedBuilder):
@@ -172,8 +206,7 @@ class SyntheticReasoning(tfds.core.GeneratorBasedBuilder):
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_features(), description=synthetic.__doc__,
-                                         disable_shuffling=True)
+    return self.dataset_info_from_configs(features=_features(), description=synthetic.__doc__, disable_shuffling=True)
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     c = self.builder_config
@@ -209,5 +242,7 @@ def iterate(source, indices: Iterator[int] | None = None) -> Iterator[dict]:
   """Examples of a data source as python values (bytes -> str), in index order."""
   for i in (range(len(source)) if indices is None else indices):
     ex = source[i]
-    yield {k: (v.decode() if isinstance(v, bytes) else [x.decode() for x in v] if k == "image" else v)
-           for k, v in ex.items()}
+    yield {
+        k: (v.decode() if isinstance(v, bytes) else [x.decode() for x in v] if k == "image" else v)
+        for k, v in ex.items()
+    }

@@ -9,6 +9,7 @@ Images go inline as base64 data URLs in `image_url` content parts (images first,
 prompt has them). Retries (exponential backoff, `Retry-After` honoured, capped) follow openai-python: HTTP 408, 409,
 429 and 5xx, timeouts and dropped connections; any other 4xx fails at once. A failure raises ChatAPIError.
 """
+
 from __future__ import annotations
 
 import base64
@@ -33,8 +34,9 @@ MAX_BACKOFF_S = 60.0
 class ChatAPIError(RuntimeError):
   """A request that failed for good: `status` is the HTTP status (None for a timeout / connection error)."""
 
-  def __init__(self, message: str, status: int | None = None, retryable: bool = False,
-               retry_after: float | None = None):
+  def __init__(
+      self, message: str, status: int | None = None, retryable: bool = False, retry_after: float | None = None
+  ):
     super().__init__(message)
     self.status, self.retryable, self.retry_after = status, retryable, retry_after
 
@@ -75,15 +77,20 @@ def post_chat(base_url: str, api_key: str | None, payload: dict, timeout_s: floa
   headers = {"Content-Type": "application/json"}
   if api_key:
     headers["Authorization"] = f"Bearer {api_key}"
-  req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(),
-                               headers=headers, method="POST")
+  req = urllib.request.Request(
+      base_url.rstrip("/") + "/chat/completions", data=json.dumps(payload).encode(), headers=headers, method="POST"
+  )
   try:
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
       body = resp.read()
   except urllib.error.HTTPError as e:
     detail = e.read()[:300].decode("utf-8", "replace")
-    raise ChatAPIError(f"HTTP {e.code}: {detail}", e.code, e.code in RETRY_STATUS or e.code >= 500,
-                       _retry_after(e.headers.get("Retry-After") if e.headers else None)) from None
+    raise ChatAPIError(
+        f"HTTP {e.code}: {detail}",
+        e.code,
+        e.code in RETRY_STATUS or e.code >= 500,
+        _retry_after(e.headers.get("Retry-After") if e.headers else None),
+    ) from None
   except (TimeoutError, urllib.error.URLError, http.client.HTTPException, ConnectionError) as e:
     reason = getattr(e, "reason", e)
     kind = "timeout" if isinstance(reason, TimeoutError) else "connection error"
@@ -102,8 +109,16 @@ def _retry_after(value: str | None) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- with retries
-def complete(base_url: str, api_key: str | None, payload: dict, *, timeout_s: float, max_retries: int,
-             backoff_s: float, sleep: Callable[[float], None] = time.sleep) -> tuple[dict, int]:
+def complete(
+    base_url: str,
+    api_key: str | None,
+    payload: dict,
+    *,
+    timeout_s: float,
+    max_retries: int,
+    backoff_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[dict, int]:
   """(reply, attempts): up to 1 + max_retries attempts, sleeping backoff_s * 2**i (x1..1.25 jitter, or the
   server's Retry-After) between them. The last error is raised when every attempt failed."""
   for attempt in range(max_retries + 1):
@@ -115,8 +130,11 @@ def complete(base_url: str, api_key: str | None, payload: dict, *, timeout_s: fl
       if not e.retryable or attempt == max_retries:
         e.args = (f"{e.args[0]} (after {attempt + 1} attempt(s))",)
         raise
-      sleep(e.retry_after if e.retry_after is not None else min(backoff_s * 2 ** attempt * (1 + 0.25 * random.random()),
-                                              MAX_BACKOFF_S))
+      sleep(
+          e.retry_after
+          if e.retry_after is not None
+          else min(backoff_s * 2**attempt * (1 + 0.25 * random.random()), MAX_BACKOFF_S)
+      )
   raise AssertionError("unreachable")
 
 

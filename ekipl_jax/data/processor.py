@@ -9,6 +9,7 @@
 Shape legend: B rows, P prompt tokens, C completion tokens, T = P + C, N vision patches (all images of the batch),
 F = 3 * temporal_patch * patch**2 pixel features, I images in the batch.
 """
+
 import dataclasses
 import os
 from typing import Sequence
@@ -19,21 +20,21 @@ from transformers import AutoImageProcessor, AutoTokenizer
 # Reason-RFT user prompts (METHOD.md section 4). `{Question}` is replaced by the record's problem.
 PROMPT_TEMPLATES: dict[str, str] = {
     "counting": "{Question} Output the thinking process in <think> </think> and final answer (number) in "
-                "<answer> </answer> tags.",
+    "<answer> </answer> tags.",
     "structure_choice": "{Question} Please select the correct answer by writing the letter (A, B, C or D) that "
-                        "precedes your choice.\nOutput the thinking process in <think> </think> and final answer "
-                        "(chosen letter) in <answer> </answer> tags.",
+    "precedes your choice.\nOutput the thinking process in <think> </think> and final answer "
+    "(chosen letter) in <answer> </answer> tags.",
     "structure": "{Question} Output the thinking process in <think> </think> and final answer (float number or int "
-                 "number) in <answer> </answer> tags.",
+    "number) in <answer> </answer> tags.",
     # Our paraphrase of the TRANCE rules (the original text is longer; paste it into the config to reproduce).
     "spatial": "The first image shows the initial state and the second image the final state. The initial objects "
-               "are given as tuples ('object_id', 'shape', 'size', 'color', 'material'). Find the transformation "
-               "as a sequence of 1 to 4 functions func(object_id, value), with func in change_size (small, medium, "
-               "large), change_color (yellow, gray, cyan, blue, brown, green, red, purple), change_material "
-               "(glass, metal, rubber), change_shape (cube, sphere, cylinder), change_position (front, behind, "
-               "left, right, front_left, front_right, behind_left, behind_right). Write the reasoning in <think> "
-               "</think> and only the functions in <answer> </answer>.\n{Question} Output the thinking process in "
-               "<think> </think> and final answer in <answer> </answer> tags.",
+    "are given as tuples ('object_id', 'shape', 'size', 'color', 'material'). Find the transformation "
+    "as a sequence of 1 to 4 functions func(object_id, value), with func in change_size (small, medium, "
+    "large), change_color (yellow, gray, cyan, blue, brown, green, red, purple), change_material "
+    "(glass, metal, rubber), change_shape (cube, sphere, cylinder), change_position (front, behind, "
+    "left, right, front_left, front_right, behind_left, behind_right). Write the reasoning in <think> "
+    "</think> and only the functions in <answer> </answer>.\n{Question} Output the thinking process in "
+    "<think> </think> and final answer in <answer> </answer> tags.",
 }
 
 
@@ -44,8 +45,7 @@ def template_key(task: str, answer: str | None) -> str:
   return task
 
 
-def format_question(problem: str, task: str, answer: str | None = None,
-                    templates: dict[str, str] | None = None) -> str:
+def format_question(problem: str, task: str, answer: str | None = None, templates: dict[str, str] | None = None) -> str:
   templates = PROMPT_TEMPLATES if templates is None else templates
   return templates[template_key(task, answer)].format(Question=problem)
 
@@ -61,8 +61,8 @@ def messages(num_images: int, text: str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------- the processor
 @dataclasses.dataclass
 class Processor:
-  tokenizer: object          # transformers Qwen2Tokenizer
-  image_processor: object    # Qwen2VLImageProcessor(Pil)
+  tokenizer: object  # transformers Qwen2Tokenizer
+  image_processor: object  # Qwen2VLImageProcessor(Pil)
   chat_template: str
   image_token: str = "<|image_pad|>"
 
@@ -93,11 +93,18 @@ def load(folder: str, min_pixels: int | None = None, max_pixels: int | None = No
   return Processor(tokenizer, image_processor, template)
 
 
-def prompt_string(proc: Processor, problem: str, task: str, num_images: int, answer: str | None = None,
-                  templates: dict[str, str] | None = None) -> str:
+def prompt_string(
+    proc: Processor,
+    problem: str,
+    task: str,
+    num_images: int,
+    answer: str | None = None,
+    templates: dict[str, str] | None = None,
+) -> str:
   text = format_question(problem, task, answer, templates)
-  return proc.tokenizer.apply_chat_template(messages(num_images, text), chat_template=proc.chat_template,
-                                            tokenize=False, add_generation_prompt=True)
+  return proc.tokenizer.apply_chat_template(
+      messages(num_images, text), chat_template=proc.chat_template, tokenize=False, add_generation_prompt=True
+  )
 
 
 def encode_images(proc: Processor, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +120,7 @@ def expand_image_tokens(proc: Processor, text: str, image_grid_thw_Ix3: np.ndarr
   parts = text.split(proc.image_token)
   if len(parts) - 1 != len(image_grid_thw_Ix3):
     raise ValueError(f"{len(parts) - 1} image tokens in the text but {len(image_grid_thw_Ix3)} images")
-  merge = proc.image_processor.merge_size ** 2
+  merge = proc.image_processor.merge_size**2
   counts = [int(np.prod(g)) // merge for g in image_grid_thw_Ix3]
   return parts[0] + "".join(proc.image_token * n + p for n, p in zip(counts, parts[1:]))
 
@@ -136,13 +143,15 @@ def pick_bucket(length: int, buckets: Sequence[int]) -> int:
   return fits[0]
 
 
-def bucket_for(examples: Sequence[dict], seqs: Sequence[Sequence[int]], buckets: Sequence[int], what: str,
-               config_key: str) -> int:
+def bucket_for(
+    examples: Sequence[dict], seqs: Sequence[Sequence[int]], buckets: Sequence[int], what: str, config_key: str
+) -> int:
   """The bucket of the longest sequence; sequences longer than every bucket are an error naming their ids."""
   too_long = [_str(ex.get("id")) for ex, s in zip(examples, seqs) if len(s) > max(buckets)]
   if too_long:
-    raise ValueError(f"{what} longer than {max(buckets)} tokens (config key {config_key}) for example ids "
-                     f"{too_long}")
+    raise ValueError(
+        f"{what} longer than {max(buckets)} tokens (config key {config_key}) for example ids " f"{too_long}"
+    )
   return pick_bucket(max(len(s) for s in seqs), buckets)
 
 
@@ -159,15 +168,15 @@ def pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int, side: str) -> t
 
 
 # ---------------------------------------------------------------------------------------------- batches
-def encode_prompts(proc: Processor, examples: Sequence[dict], templates: dict[str, str] | None = None
-                   ) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
+def encode_prompts(
+    proc: Processor, examples: Sequence[dict], templates: dict[str, str] | None = None
+) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
   """examples: dicts with images (list of HxWx3 arrays or PIL images), problem, task, answer (optional).
   -> unpadded prompt ids per row, pixel_values_NxF, image_grid_thw_Ix3."""
   ids, pixels, grids = [], [], []
   for ex in examples:
     images = list(ex["images"])
-    text = prompt_string(proc, _str(ex["problem"]), _str(ex["task"]), len(images), _str(ex.get("answer")),
-                         templates)
+    text = prompt_string(proc, _str(ex["problem"]), _str(ex["task"]), len(images), _str(ex.get("answer")), templates)
     pixel_values_NxF, grid_Ix3 = encode_images(proc, images)
     ids.append(encode_text(proc, expand_image_tokens(proc, text, grid_Ix3)))
     pixels.append(pixel_values_NxF)
@@ -175,35 +184,49 @@ def encode_prompts(proc: Processor, examples: Sequence[dict], templates: dict[st
   return ids, np.concatenate(pixels), np.concatenate(grids)
 
 
-def prompt_batch(proc: Processor, examples: Sequence[dict], buckets: Sequence[int],
-                 templates: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+def prompt_batch(
+    proc: Processor, examples: Sequence[dict], buckets: Sequence[int], templates: dict[str, str] | None = None
+) -> dict[str, np.ndarray]:
   """-> input_ids [B, P], attention_mask [B, P], mm_token_type_ids [B, P] (1 at image tokens), pixel_values
   [N, F], image_grid_thw [I, 3]; prompts left padded, P = the smallest bucket >= the longest prompt."""
   ids, pixel_values_NxF, grid_Ix3 = encode_prompts(proc, examples, templates)
   length = bucket_for(examples, ids, buckets, "prompt", "data.prompt_buckets")
   input_ids_BP, mask_BP = pad(ids, length, proc.pad_token_id, "left")
   mm_BP = ((input_ids_BP == proc.image_token_id) & (mask_BP == 1)).astype(np.int32)
-  return {"input_ids": input_ids_BP, "attention_mask": mask_BP, "mm_token_type_ids": mm_BP,
-          "pixel_values": pixel_values_NxF, "image_grid_thw": grid_Ix3}
+  return {
+      "input_ids": input_ids_BP,
+      "attention_mask": mask_BP,
+      "mm_token_type_ids": mm_BP,
+      "pixel_values": pixel_values_NxF,
+      "image_grid_thw": grid_Ix3,
+  }
 
 
-def sft_batch(proc: Processor, examples: Sequence[dict], prompt_buckets: Sequence[int],
-              completion_buckets: Sequence[int], templates: dict[str, str] | None = None
-              ) -> dict[str, np.ndarray]:
+def sft_batch(
+    proc: Processor,
+    examples: Sequence[dict],
+    prompt_buckets: Sequence[int],
+    completion_buckets: Sequence[int],
+    templates: dict[str, str] | None = None,
+) -> dict[str, np.ndarray]:
   """Prompt (left padded to P) + "<think>\\n{cot}\\n</think>\\n<answer>\\n{answer}\\n</answer>" + eos (right
   padded to C). Adds loss_mask [B, T] (1 on completion tokens, eos included) and prompt_length = P; the layout is
   the RL one, so log-probs of the targets start at T - C = P."""
   batch = prompt_batch(proc, examples, prompt_buckets, templates)
-  completions = [encode_completion(proc, sft_target(_str(ex["cot"]), _str(ex["answer"])), add_eos=True)
-                 for ex in examples]
+  completions = [
+      encode_completion(proc, sft_target(_str(ex["cot"]), _str(ex["answer"])), add_eos=True) for ex in examples
+  ]
   c_len = bucket_for(examples, completions, completion_buckets, "SFT target", "sft.max_completion")
   comp_BC, comp_mask_BC = pad(completions, c_len, proc.pad_token_id, "right")
   input_ids_BT = np.concatenate([batch["input_ids"], comp_BC], 1)
-  return {**batch, "input_ids": input_ids_BT,
-          "attention_mask": np.concatenate([batch["attention_mask"], comp_mask_BC], 1),
-          "mm_token_type_ids": np.concatenate([batch["mm_token_type_ids"], np.zeros_like(comp_BC)], 1),
-          "loss_mask": np.concatenate([np.zeros_like(batch["attention_mask"]), comp_mask_BC], 1),
-          "prompt_length": np.int32(batch["input_ids"].shape[1])}
+  return {
+      **batch,
+      "input_ids": input_ids_BT,
+      "attention_mask": np.concatenate([batch["attention_mask"], comp_mask_BC], 1),
+      "mm_token_type_ids": np.concatenate([batch["mm_token_type_ids"], np.zeros_like(comp_BC)], 1),
+      "loss_mask": np.concatenate([np.zeros_like(batch["attention_mask"]), comp_mask_BC], 1),
+      "prompt_length": np.int32(batch["input_ids"].shape[1]),
+  }
 
 
 def template_corpus(templates: dict[str, str] | None = None) -> list[str]:

@@ -9,6 +9,7 @@ Splits (documented contract, checked by tests):
   test_ood       : num objects in [max_objects + 1, ood_max_objects] AND every scene has >= 1 held-out pair.
 Everything is a pure function of (config, split, index): rng = numpy Generator seeded by (seed, split, index).
 """
+
 import dataclasses
 import io
 import json
@@ -18,8 +19,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40), "blue": (40, 80, 220), "green": (40, 170, 60),
-    "yellow": (230, 200, 30), "purple": (140, 60, 190), "gray": (70, 70, 70),
+    "red": (220, 40, 40),
+    "blue": (40, 80, 220),
+    "green": (40, 170, 60),
+    "yellow": (230, 200, 30),
+    "purple": (140, 60, 190),
+    "gray": (70, 70, 70),
 }
 SHAPES = ("cube", "sphere", "cylinder")
 SIZES = ("small", "large")
@@ -33,12 +38,12 @@ QUESTION_KINDS = ("count", "subtract_all", "add", "subtract_n")
 
 @dataclasses.dataclass(frozen=True)
 class SceneConfig:
-  seed: int = 0                 # base seed; each example has its own Generator from (seed, split, index)
-  image_size: int = 112         # square image side in pixels
-  cell: int = 28                # grid cell side; 28 = one merged Qwen-VL vision token
-  min_objects: int = 2          # in-distribution object count range (inclusive)
+  seed: int = 0  # base seed; each example has its own Generator from (seed, split, index)
+  image_size: int = 112  # square image side in pixels
+  cell: int = 28  # grid cell side; 28 = one merged Qwen-VL vision token
+  min_objects: int = 2  # in-distribution object count range (inclusive)
   max_objects: int = 6
-  ood_max_objects: int = 9      # test_ood draws counts in [max_objects + 1, ood_max_objects]
+  ood_max_objects: int = 9  # test_ood draws counts in [max_objects + 1, ood_max_objects]
   question_kinds: tuple[str, ...] = QUESTION_KINDS
 
   @property
@@ -66,8 +71,15 @@ def sample_scene(cfg: SceneConfig, split: str, rng: np.random.Generator) -> list
     for j in rng.choice(n, size=min(k, n), replace=False):
       pairs[int(j)] = held[int(rng.integers(len(held)))]
   cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)
-  objects = [{"cell": [int(c) // cfg.grid, int(c) % cfg.grid], "color": col, "shape": shp,
-              "size": SIZES[int(rng.integers(len(SIZES)))]} for c, (col, shp) in zip(cells, pairs)]
+  objects = [
+      {
+          "cell": [int(c) // cfg.grid, int(c) % cfg.grid],
+          "color": col,
+          "shape": shp,
+          "size": SIZES[int(rng.integers(len(SIZES)))],
+      }
+      for c, (col, shp) in zip(cells, pairs)
+  ]
   return sorted(objects, key=lambda o: tuple(o["cell"]))
 
 
@@ -78,7 +90,7 @@ def render(cfg: SceneConfig, objects: list[dict]) -> Image.Image:
   for o in objects:
     r, c = o["cell"]
     cx, cy = c * cfg.cell + cfg.cell / 2, r * cfg.cell + cfg.cell / 2
-    h = cfg.cell * (0.42 if o["size"] == "large" else 0.25)   # half extent
+    h = cfg.cell * (0.42 if o["size"] == "large" else 0.25)  # half extent
     box = [cx - h, cy - h, cx + h - 1, cy + h - 1]
     fill = COLORS[o["color"]]
     if o["shape"] == "cube":
@@ -118,16 +130,18 @@ def sample_question(cfg: SceneConfig, objects: list[dict], rng: np.random.Genera
   keys = [["color", "shape"], ["shape"], ["color"], ["size", "shape"], ["size", "color", "shape"]]
   filt = {key: ref[key] for key in keys[int(rng.integers(len(keys)))]}
   if kind == "subtract_all":
-    return {"kind": kind, "filter": filt, "k": 0,
-            "text": f"Subtract all {_phrase(filt)}. How many objects are left?"}
+    return {"kind": kind, "filter": filt, "k": 0, "text": f"Subtract all {_phrase(filt)}. How many objects are left?"}
   if kind == "add":
     k = int(rng.integers(1, 4))
-    return {"kind": kind, "filter": filt, "k": k,
-            "text": f"Add {_phrase(filt, k)}. How many objects exist?"}
+    return {"kind": kind, "filter": filt, "k": k, "text": f"Add {_phrase(filt, k)}. How many objects exist?"}
   n_match = sum(matches(o, filt) for o in objects)
   k = int(rng.integers(1, n_match + 1))
-  return {"kind": "subtract_n", "filter": filt, "k": k,
-          "text": f"Subtract {_phrase(filt, k)}. How many objects are left?"}
+  return {
+      "kind": "subtract_n",
+      "filter": filt,
+      "k": k,
+      "text": f"Subtract {_phrase(filt, k)}. How many objects are left?",
+  }
 
 
 # ---------------------------------------------------------------------------------------------- solvers
@@ -135,7 +149,8 @@ def answer_of(objects: list[dict], question: dict) -> int:
   """The ground truth, computed directly from the metadata."""
   n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
   return {"count": n, "subtract_all": n - m, "add": n + question["k"], "subtract_n": n - question["k"]}[
-      question["kind"]]
+      question["kind"]
+  ]
 
 
 def _describe(objects: list[dict]) -> str:
@@ -169,8 +184,7 @@ def solve(objects: list[dict], question: dict) -> tuple[str, int]:
   return write_cot(objects, question, len(objects), sum(matches(o, question["filter"]) for o in objects))
 
 
-def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.random.Generator
-                ) -> tuple[str, int]:
+def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.random.Generator) -> tuple[str, int]:
   """Correct with probability `accuracy`; otherwise it miscounts (plausible reasoning, wrong final answer)."""
   n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
   if rng.random() < accuracy:
@@ -178,7 +192,7 @@ def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.ra
   delta = int(rng.choice([-1, 1])) if answer_of(objects, question) > 0 else 1  # never a negative answer
   if question["kind"] == "subtract_all" and rng.random() < 0.5 and m + delta >= 0:
     return write_cot(objects, question, n, m + delta)  # miscounts the matching objects
-  return write_cot(objects, question, n + delta, m)    # miscounts the whole scene
+  return write_cot(objects, question, n + delta, m)  # miscounts the whole scene
 
 
 def format_response(cot: str, answer: int | str) -> str:
@@ -197,9 +211,17 @@ def make_example(cfg: SceneConfig, split: str, index: int) -> dict:
   cot, ans = solve(objects, question)
   ex_id = f"{split}-{index:06d}"
   meta = {"objects": objects, "question": question, "image_size": cfg.image_size, "cell": cfg.cell}
-  return {"id": ex_id, "image": f"{split}/{ex_id}.png", "problem": question["text"], "answer": str(ans),
-          "solution": str(ans), "cot": cot, "task": "counting", "metadata": json.dumps(meta, sort_keys=True),
-          "image_png": png_bytes(render(cfg, objects))}
+  return {
+      "id": ex_id,
+      "image": f"{split}/{ex_id}.png",
+      "problem": question["text"],
+      "answer": str(ans),
+      "solution": str(ans),
+      "cot": cot,
+      "task": "counting",
+      "metadata": json.dumps(meta, sort_keys=True),
+      "image_png": png_bytes(render(cfg, objects)),
+  }
 
 
 def corpus(cfg: SceneConfig, n: int = 500) -> list[str]:

@@ -1,10 +1,11 @@
 """The policy: Qwen2-VL / Qwen2.5-VL in Flax (see docs/DESIGN.md, "Policy").
 
-    model, params = models.load_pretrained(path, dtype=jnp.float32, mesh=None, compute_dtype=None, remat=False)
-    model, params = models.init(hf_config_dict_or_QwenVLConfig, rng, dtype=...)
-    logits_BTV = model.apply(params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None)
-    models.save_pretrained(model, params, out_dir, processor_dir=None)
+model, params = models.load_pretrained(path, dtype=jnp.float32, mesh=None, compute_dtype=None, remat=False)
+model, params = models.init(hf_config_dict_or_QwenVLConfig, rng, dtype=...)
+logits_BTV = model.apply(params, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None)
+models.save_pretrained(model, params, out_dir, processor_dir=None)
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -18,15 +19,33 @@ from ekipl_jax.models.logprobs import token_logprobs
 from ekipl_jax.models.model import QwenVL, dummy_inputs, init_cache, rope_index
 
 
-def init(config, rng: jax.Array, dtype=jnp.float32, compute_dtype=None, remat: bool = False, mesh=None,
-         rules: sharding.Rules = sharding.RULES, with_vision: bool | None = None) -> tuple[QwenVL, dict]:
-    """A freshly initialised policy (normal(0.02) weights, unit norms, zero biases), placed on `mesh` if given."""
-    model = build(as_config(config), dtype, compute_dtype, remat, mesh, rules, with_vision)
-    shardings = param_shardings(model, mesh, rules) if mesh is not None else None
-    init_fn = lambda r: nn.unbox(model.init(r, **dummy_inputs(model)))
-    params = jax.jit(init_fn, out_shardings=shardings)(rng)
-    return model, params
+def init(
+    config,
+    rng: jax.Array,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    remat: bool = False,
+    mesh=None,
+    rules: sharding.Rules = sharding.RULES,
+    with_vision: bool | None = None,
+) -> tuple[QwenVL, dict]:
+  """A freshly initialised policy (normal(0.02) weights, unit norms, zero biases), placed on `mesh` if given."""
+  model = build(as_config(config), dtype, compute_dtype, remat, mesh, rules, with_vision)
+  shardings = param_shardings(model, mesh, rules) if mesh is not None else None
+  init_fn = lambda r: nn.unbox(model.init(r, **dummy_inputs(model)))
+  params = jax.jit(init_fn, out_shardings=shardings)(rng)
+  return model, params
 
 
-__all__ = ["QwenVL", "QwenVLConfig", "init", "init_cache", "load_pretrained", "save_pretrained", "token_logprobs",
-           "rope_index", "abstract_params", "param_shardings"]
+__all__ = [
+    "QwenVL",
+    "QwenVLConfig",
+    "init",
+    "init_cache",
+    "load_pretrained",
+    "save_pretrained",
+    "token_logprobs",
+    "rope_index",
+    "abstract_params",
+    "param_shardings",
+]

@@ -9,6 +9,7 @@ which is what transformers 5.24's own `save_pretrained` writes and reads back.
 Flax path <-> HF key (text): `layers_3/self_attn/q_proj/kernel` <-> `layers.3.self_attn.q_proj.weight` (transposed);
 `scale` and `embedding` <-> `weight`. Vision names come from `vision.hf_to_flax_name` / `vision.flax_to_hf_name`.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,18 @@ from ekipl_jax import sharding
 from ekipl_jax.models import model as model_lib
 from ekipl_jax.models.config import QwenVLConfig
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-              "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_ST_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 _ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -37,175 +48,213 @@ INDEX = "model.safetensors.index.json"
 
 
 def _read_header(path: str) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header, 8 + n
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+  header.pop("__metadata__", None)
+  return header, 8 + n
 
 
 def open_tensors(folder: str) -> dict[str, Callable[[], np.ndarray]]:
-    """{key: () -> memory-mapped numpy array} over model.safetensors or every shard of the index."""
-    index = os.path.join(folder, INDEX)
-    if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(folder, WEIGHTS)):
-        files = [WEIGHTS]
-    else:
-        raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {folder}")
-    out = {}
-    for name in files:
-        path = os.path.join(folder, name)
-        header, base = _read_header(path)
-        for key, info in header.items():
-            a, b = info["data_offsets"]
-            dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
-            out[key] = (lambda p=path, o=base + a, d=dtype, s=shape:
-                        np.memmap(p, dtype=d, mode="r", offset=o, shape=s) if int(np.prod(s)) else np.zeros(s, d))
-    return out
+  """{key: () -> memory-mapped numpy array} over model.safetensors or every shard of the index."""
+  index = os.path.join(folder, INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(folder, WEIGHTS)):
+    files = [WEIGHTS]
+  else:
+    raise FileNotFoundError(f"no {WEIGHTS} or {INDEX} in {folder}")
+  out = {}
+  for name in files:
+    path = os.path.join(folder, name)
+    header, base = _read_header(path)
+    for key, info in header.items():
+      a, b = info["data_offsets"]
+      dtype, shape = np.dtype(_ST_DTYPES[info["dtype"]]), tuple(info["shape"])
+      out[key] = (
+          lambda p=path, o=base + a, d=dtype, s=shape: np.memmap(p, dtype=d, mode="r", offset=o, shape=s)
+          if int(np.prod(s))
+          else np.zeros(s, d)
+      )
+  return out
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+  header, offset = {"__metadata__": {"format": "pt"}}, 0
+  for key in sorted(tensors):
+    a = tensors[key]
+    header[key] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
     for key in sorted(tensors):
-        a = tensors[key]
-        header[key] = {"dtype": _ST_NAMES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for key in sorted(tensors):
-            f.write(np.ascontiguousarray(tensors[key]).tobytes())
+      f.write(np.ascontiguousarray(tensors[key]).tobytes())
 
 
 # ------------------------------------------------------------------------------------------------ name mapping
 
 
 def _text_hf_key(path: tuple[str, ...]) -> tuple[str, bool]:
-    """(key relative to the text prefix, transpose?) for a text-side flax path."""
-    parts = []
-    for p in path[:-1]:
-        head, _, tail = p.rpartition("_")
-        parts += [head, tail] if head == "layers" and tail.isdigit() else [p]
-    leaf = path[-1]
-    return ".".join(parts + ["bias" if leaf == "bias" else "weight"]), leaf == "kernel"
+  """(key relative to the text prefix, transpose?) for a text-side flax path."""
+  parts = []
+  for p in path[:-1]:
+    head, _, tail = p.rpartition("_")
+    parts += [head, tail] if head == "layers" and tail.isdigit() else [p]
+  leaf = path[-1]
+  return ".".join(parts + ["bias" if leaf == "bias" else "weight"]), leaf == "kernel"
 
 
 def hf_name(path: tuple[str, ...], config: QwenVLConfig, v5: bool) -> tuple[str, Callable, Callable]:
-    """flax path (under params) -> (HF key, torch->flax fn, flax->torch fn)."""
-    if path[0] == "visual":
-        from ekipl_jax.models import vision
-        key, to_torch = vision.flax_to_hf_name(path[1:], model_lib.vision_config(config),
-                                               "model.visual." if v5 else "visual.")
-        return key, vision.hf_to_flax_name(key)[1], to_torch
-    if path[0] == "lm_head":
-        key, tr = "lm_head.weight", True
-    else:
-        rel, tr = _text_hf_key(path)
-        key = ("model.language_model." if v5 else "model.") + rel
-    fn = (lambda a: a.T) if tr else (lambda a: a)
-    return key, fn, fn
+  """flax path (under params) -> (HF key, torch->flax fn, flax->torch fn)."""
+  if path[0] == "visual":
+    from ekipl_jax.models import vision
+
+    key, to_torch = vision.flax_to_hf_name(
+        path[1:], model_lib.vision_config(config), "model.visual." if v5 else "visual."
+    )
+    return key, vision.hf_to_flax_name(key)[1], to_torch
+  if path[0] == "lm_head":
+    key, tr = "lm_head.weight", True
+  else:
+    rel, tr = _text_hf_key(path)
+    key = ("model.language_model." if v5 else "model.") + rel
+  fn = (lambda a: a.T) if tr else (lambda a: a)
+  return key, fn, fn
 
 
 def _paths(tree: dict) -> list[tuple[tuple[str, ...], Any]]:
-    return [(tuple(k.key for k in kp), v) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [(tuple(k.key for k in kp), v) for kp, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _unflatten(items: list[tuple[tuple[str, ...], Any]]) -> dict:
-    tree: dict = {}
-    for path, v in items:
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = v
-    return tree
+  tree: dict = {}
+  for path, v in items:
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = v
+  return tree
 
 
 # ------------------------------------------------------------------------------------------------ load / save
 
 
 def read_config(path: str) -> QwenVLConfig:
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"no config.json in {path}")
-    with open(cfg_file) as f:
-        return QwenVLConfig.from_hf(json.load(f))
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise FileNotFoundError(f"no config.json in {path}")
+  with open(cfg_file) as f:
+    return QwenVLConfig.from_hf(json.load(f))
 
 
-def build(config: QwenVLConfig, dtype=jnp.float32, compute_dtype=None, remat: bool = False, mesh=None,
-          rules: sharding.Rules = sharding.RULES, with_vision: bool | None = None) -> model_lib.QwenVL:
-    if with_vision is None:
-        with_vision = model_lib._vision is not None and bool(config.vision_hf)
-    return model_lib.QwenVL(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat, mesh=mesh,
-                            rules=rules, with_vision=with_vision)
+def build(
+    config: QwenVLConfig,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    remat: bool = False,
+    mesh=None,
+    rules: sharding.Rules = sharding.RULES,
+    with_vision: bool | None = None,
+) -> model_lib.QwenVL:
+  if with_vision is None:
+    with_vision = model_lib._vision is not None and bool(config.vision_hf)
+  return model_lib.QwenVL(
+      config,
+      dtype=compute_dtype or dtype,
+      param_dtype=dtype,
+      remat=remat,
+      mesh=mesh,
+      rules=rules,
+      with_vision=with_vision,
+  )
 
 
 def abstract_params(model: model_lib.QwenVL) -> tuple[dict, dict]:
-    """(ShapeDtypeStruct tree, logical-axes tree) of model's variables, without allocating anything."""
-    boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model_lib.dummy_inputs(model)))
-    axes = jax.tree_util.tree_map(lambda b: tuple(b.names) if isinstance(b, nn.Partitioned) else None, boxed,
-                                  is_leaf=lambda b: isinstance(b, nn.Partitioned))
-    return nn.unbox(boxed), axes
+  """(ShapeDtypeStruct tree, logical-axes tree) of model's variables, without allocating anything."""
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model_lib.dummy_inputs(model)))
+  axes = jax.tree_util.tree_map(
+      lambda b: tuple(b.names) if isinstance(b, nn.Partitioned) else None,
+      boxed,
+      is_leaf=lambda b: isinstance(b, nn.Partitioned),
+  )
+  return nn.unbox(boxed), axes
 
 
 def param_shardings(model: model_lib.QwenVL, mesh, rules: sharding.Rules = sharding.RULES) -> dict:
-    """NamedSharding per parameter (replicated where no logical axes are declared)."""
-    shapes, axes = abstract_params(model)
-    return jax.tree_util.tree_map(
-        lambda s, a: sharding.logical_sharding(a or (None,) * len(s.shape), mesh, rules, s.shape), shapes, axes)
+  """NamedSharding per parameter (replicated where no logical axes are declared)."""
+  shapes, axes = abstract_params(model)
+  return jax.tree_util.tree_map(
+      lambda s, a: sharding.logical_sharding(a or (None,) * len(s.shape), mesh, rules, s.shape), shapes, axes
+  )
 
 
-def load_pretrained(path: str, dtype=jnp.float32, mesh=None, compute_dtype=None, remat: bool = False,
-                    rules: sharding.Rules = sharding.RULES) -> tuple[model_lib.QwenVL, dict]:
-    config = read_config(path)
-    model = build(config, dtype, compute_dtype, remat, mesh, rules)
-    tensors = open_tensors(path)
-    v5 = any(k.startswith("model.language_model.") for k in tensors)
-    shapes, axes = abstract_params(model)
-    flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
-    axes_by_path = {tuple(k.key for k in kp): a for kp, a in flat_axes}
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    used, items = set(), []
-    for p, sds in _paths(shapes["params"]):
-        key, to_flax, _ = hf_name(p, config, v5)
-        if key not in tensors:
-            raise KeyError(f"checkpoint {path!r} is missing tensor {key!r} (needed for params {'/'.join(p)})")
-        used.add(key)
-        try:
-            host = to_flax(tensors[key]())
-        except Exception as e:
-            raise ValueError(f"tensor {key!r} cannot be converted to shape {sds.shape}: {e}") from e
-        if tuple(host.shape) != tuple(sds.shape):
-            raise ValueError(f"tensor {key!r} has shape {tuple(tensors[key]().shape)}; "
-                             f"expected {tuple(sds.shape)} after conversion for params {'/'.join(p)}")
-        ax = axes_by_path.get(("params",) + p) or (None,) * len(sds.shape)
-        shard = (sharding.logical_sharding(ax, mesh, rules, sds.shape) if mesh is not None
-                 else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        items.append((p, jax.make_array_from_callback(
-            sds.shape, shard, lambda idx, h=host: np.asarray(h[idx], dtype=np_dtype))))
-    unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
-    if unexpected:
-        raise KeyError(f"unexpected tensors in {path!r}: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
-    return model, {"params": _unflatten(items)}
+def load_pretrained(
+    path: str,
+    dtype=jnp.float32,
+    mesh=None,
+    compute_dtype=None,
+    remat: bool = False,
+    rules: sharding.Rules = sharding.RULES,
+) -> tuple[model_lib.QwenVL, dict]:
+  config = read_config(path)
+  model = build(config, dtype, compute_dtype, remat, mesh, rules)
+  tensors = open_tensors(path)
+  v5 = any(k.startswith("model.language_model.") for k in tensors)
+  shapes, axes = abstract_params(model)
+  flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
+  axes_by_path = {tuple(k.key for k in kp): a for kp, a in flat_axes}
+  np_dtype = np.dtype(jnp.dtype(dtype))
+  used, items = set(), []
+  for p, sds in _paths(shapes["params"]):
+    key, to_flax, _ = hf_name(p, config, v5)
+    if key not in tensors:
+      raise KeyError(f"checkpoint {path!r} is missing tensor {key!r} (needed for params {'/'.join(p)})")
+    used.add(key)
+    try:
+      host = to_flax(tensors[key]())
+    except Exception as e:
+      raise ValueError(f"tensor {key!r} cannot be converted to shape {sds.shape}: {e}") from e
+    if tuple(host.shape) != tuple(sds.shape):
+      raise ValueError(
+          f"tensor {key!r} has shape {tuple(tensors[key]().shape)}; "
+          f"expected {tuple(sds.shape)} after conversion for params {'/'.join(p)}"
+      )
+    ax = axes_by_path.get(("params",) + p) or (None,) * len(sds.shape)
+    shard = (
+        sharding.logical_sharding(ax, mesh, rules, sds.shape)
+        if mesh is not None
+        else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    )
+    items.append(
+        (p, jax.make_array_from_callback(sds.shape, shard, lambda idx, h=host: np.asarray(h[idx], dtype=np_dtype)))
+    )
+  unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+  if unexpected:
+    raise KeyError(f"unexpected tensors in {path!r}: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
+  return model, {"params": _unflatten(items)}
 
 
 def save_pretrained(model: model_lib.QwenVL, params: dict, out_dir: str, processor_dir: str | None = None) -> None:
-    """Write an HF folder (config.json, model.safetensors in transformers' own key layout, processor files)."""
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {}
-    for path, value in _paths(params["params"]):
-        key, _, to_torch = hf_name(path, model.config, v5=False)
-        tensors[key] = np.ascontiguousarray(to_torch(sharding.to_host(value)))
-    dtype = {np.dtype(np.float32): "float32", np.dtype(ml_dtypes.bfloat16): "bfloat16",
-             np.dtype(np.float16): "float16"}.get(next(iter(tensors.values())).dtype, "float32")
-    write_safetensors(os.path.join(out_dir, WEIGHTS), tensors)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(model.config.to_hf(dtype), f, indent=2, sort_keys=True)
-    if processor_dir is not None:
-        for name in sorted(os.listdir(processor_dir)):
-            src = os.path.join(processor_dir, name)
-            if os.path.isfile(src) and name != "config.json" and not name.startswith("model.safetensors"):
-                shutil.copy2(src, os.path.join(out_dir, name))
+  """Write an HF folder (config.json, model.safetensors in transformers' own key layout, processor files)."""
+  os.makedirs(out_dir, exist_ok=True)
+  tensors = {}
+  for path, value in _paths(params["params"]):
+    key, _, to_torch = hf_name(path, model.config, v5=False)
+    tensors[key] = np.ascontiguousarray(to_torch(sharding.to_host(value)))
+  dtype = {
+      np.dtype(np.float32): "float32",
+      np.dtype(ml_dtypes.bfloat16): "bfloat16",
+      np.dtype(np.float16): "float16",
+  }.get(next(iter(tensors.values())).dtype, "float32")
+  write_safetensors(os.path.join(out_dir, WEIGHTS), tensors)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(model.config.to_hf(dtype), f, indent=2, sort_keys=True)
+  if processor_dir is not None:
+    for name in sorted(os.listdir(processor_dir)):
+      src = os.path.join(processor_dir, name)
+      if os.path.isfile(src) and name != "config.json" and not name.startswith("model.safetensors"):
+        shutil.copy2(src, os.path.join(out_dir, name))

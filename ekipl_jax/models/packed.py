@@ -9,6 +9,7 @@ row r's image pad tokens. Rows may have different image sizes and counts.
 
 Legend: R rows, T tokens, Np patch budget per row, Mp = Np / merge_unit, F patch features, D width, C targets.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -24,8 +25,13 @@ from ekipl_jax.models.model import vision_config
 PACKED_KEYS = ("pixels_RNF", "patch_perm_RN", "pos_hw_RN2", "segment_ids_RN", "window_ids_RN", "unperm_RM")
 
 
-def pack_rows(model, pixel_values_NF: np.ndarray, image_grid_thw_Ix3: np.ndarray, images_per_row: Sequence[int],
-              patch_buckets: Sequence[int] = ()) -> dict[str, np.ndarray]:
+def pack_rows(
+    model,
+    pixel_values_NF: np.ndarray,
+    image_grid_thw_Ix3: np.ndarray,
+    images_per_row: Sequence[int],
+    patch_buckets: Sequence[int] = (),
+) -> dict[str, np.ndarray]:
   """Host side. images_per_row[r] images (in order) belong to row r. The budget Np is the smallest bucket that holds
   the largest row (or that row's size rounded up to the merge unit when no bucket is given)."""
   vcfg = vision_config(model.config)
@@ -34,14 +40,14 @@ def pack_rows(model, pixel_values_NF: np.ndarray, image_grid_thw_Ix3: np.ndarray
   patches_I = grid.prod(-1)
   img_start = np.concatenate([[0], np.cumsum(images_per_row)]).astype(int)
   patch_start = np.concatenate([[0], np.cumsum(patches_I)]).astype(int)
-  need = max(int(patches_I[img_start[r]:img_start[r + 1]].sum()) for r in range(len(images_per_row)))
+  need = max(int(patches_I[img_start[r] : img_start[r + 1]].sum()) for r in range(len(images_per_row)))
   fits = [b for b in sorted(patch_buckets) if b >= need and b % u == 0]
   Np = fits[0] if fits else -(-need // u) * u
   rows = {k: [] for k in PACKED_KEYS}
   for r in range(len(images_per_row)):
     i0, i1 = img_start[r], img_start[r + 1]
     meta = vision_lib.vision_metadata(grid[i0:i1], vcfg, pad_to=Np)
-    px = np.asarray(pixel_values_NF[patch_start[i0]:patch_start[i1]], np.float32)
+    px = np.asarray(pixel_values_NF[patch_start[i0] : patch_start[i1]], np.float32)
     rows["pixels_RNF"].append(vision_lib.pad_patches(px, Np))
     rows["patch_perm_RN"].append(meta.patch_perm_N)
     rows["pos_hw_RN2"].append(meta.pos_hw_N2)
@@ -61,7 +67,8 @@ def _global_metadata(packed: dict) -> vision_lib.VisionMetadata:
       pos_hw_N2=packed["pos_hw_RN2"].reshape(R * Np, 2),
       segment_ids_N=(packed["segment_ids_RN"] + off_R1 * Np).reshape(-1),  # ids < Np within a row
       window_ids_N=(packed["window_ids_RN"] + off_R1 * Np).reshape(-1),
-      unperm_M=(packed["unperm_RM"] + off_R1 * Mp).reshape(-1))
+      unperm_M=(packed["unperm_RM"] + off_R1 * Mp).reshape(-1),
+  )
 
 
 def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_RT=None):
@@ -72,8 +79,12 @@ def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_
     return x_RTD
   R, Np, F = packed["pixels_RNF"].shape
   meta = _global_metadata(packed)
-  feats = model.apply(params, packed["pixels_RNF"].reshape(R * Np, F), metadata=meta,
-                      method=lambda m, px, metadata: m.visual(px, metadata=metadata))
+  feats = model.apply(
+      params,
+      packed["pixels_RNF"].reshape(R * Np, F),
+      metadata=meta,
+      method=lambda m, px, metadata: m.visual(px, metadata=metadata),
+  )
   feats_RMD = feats.reshape(R, -1, feats.shape[-1]).astype(x_RTD.dtype)
   if is_img_RT is None:
     is_img_RT = input_ids_RT == model.config.image_token_id
@@ -91,5 +102,11 @@ def row_logprobs(model, params, batch: dict, *, targets_from: int, temperature: 
   x_RTD = embed_rows(model, params, ids_RT, positions_3RT, batch, batch.get("mm_token_type_ids"))
   h_RTD, _ = model.apply(params, x_RTD, positions_3RT, mask_RT, method="decode")
   T = ids_RT.shape[1]
-  return logprobs_lib.logprobs_from_hidden(model, params, h_RTD[:, targets_from - 1:T - 1], ids_RT[:, targets_from:],
-                                           temperature=temperature, chunk_size=chunk_size)
+  return logprobs_lib.logprobs_from_hidden(
+      model,
+      params,
+      h_RTD[:, targets_from - 1 : T - 1],
+      ids_RT[:, targets_from:],
+      temperature=temperature,
+      chunk_size=chunk_size,
+  )

@@ -8,6 +8,7 @@ Options:
   cfg.adv_stats_from 'all' | 'policy': mean and std from the group's policy rows only (LUFFY grpo_split); a group
                      without policy rows falls back to all its rows.
 """
+
 import numpy as np
 
 

@@ -1,4 +1,5 @@
 """RL config: GRPO / Vision-EKIPL group formation, advantages, loss and optimizer. Defaults follow Reason-RFT."""
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -22,7 +23,9 @@ def default() -> ml_collections.ConfigDict:
   c.dual_clip = config_dict.placeholder(float)  # c > 1: for A < 0 bound the objective below by c * A (None = off)
   c.beta = 0.04  # KL coefficient to the frozen reference (0 = no reference log-probs needed)
   c.kl_estimator = "k3"  # 'k3' exp(ref - logp) - (ref - logp) - 1 | 'k1' logp - ref
-  c.aggregation = "seq_mean_token_mean"  # 'token_mean' (DAPO) | 'seq_mean_token_mean' (GRPO) | 'seq_mean_token_sum_norm' (Dr. GRPO)
+  c.aggregation = (
+      "seq_mean_token_mean"  # 'token_mean' (DAPO) | 'seq_mean_token_mean' (GRPO) | 'seq_mean_token_sum_norm' (Dr. GRPO)
+  )
   c.max_len_norm = 512  # constant divisor of 'seq_mean_token_sum_norm' (max completion length)
   c.external_treatment = "paper"  # external tokens: 'paper' | 'luffy' | 'importance' | 'rlplus'
   c.luffy_gamma = 0.1  # 'luffy': f(pi) = pi / (pi + gamma)

@@ -24,6 +24,7 @@ A sequence counts when it has at least one valid token, so all-padding rows (bat
 aux holds additive statistics ("sum/..."), and "min/..." / "max/..." ones, merged across micro-batches by
 merge_aux and turned into metrics by finalize_aux.
 """
+
 from typing import Optional
 
 import jax
@@ -67,14 +68,27 @@ def kl_term(logp_BC: Array, ref_logp_BC: Array, estimator: str) -> Array:
 
 def _masked_stats(x_BC: Array, m_BC: Array, name: str) -> dict[str, Array]:
   mb = m_BC > 0
-  return {f"sum/{name}": jnp.where(mb, x_BC, 0.0).sum(), f"sum/{name}_count": m_BC.sum(),
-          f"min/{name}": jnp.where(mb, x_BC, jnp.inf).min(), f"max/{name}": jnp.where(mb, x_BC, -jnp.inf).max()}
+  return {
+      f"sum/{name}": jnp.where(mb, x_BC, 0.0).sum(),
+      f"sum/{name}_count": m_BC.sum(),
+      f"min/{name}": jnp.where(mb, x_BC, jnp.inf).min(),
+      f"max/{name}": jnp.where(mb, x_BC, -jnp.inf).max(),
+  }
 
 
-def grpo_loss(logp_BC: Array, old_logp_BC: Array, ref_logp_BC: Optional[Array], A_B: Array, mask_BC: Array,
-              is_external_B: Array, behaviour_logp_BC: Optional[Array], cfg, *,
-              has_behaviour_B: Optional[Array] = None,
-              entropy_BC: Optional[Array] = None) -> tuple[Array, Array, dict[str, Array]]:
+def grpo_loss(
+    logp_BC: Array,
+    old_logp_BC: Array,
+    ref_logp_BC: Optional[Array],
+    A_B: Array,
+    mask_BC: Array,
+    is_external_B: Array,
+    behaviour_logp_BC: Optional[Array],
+    cfg,
+    *,
+    has_behaviour_B: Optional[Array] = None,
+    entropy_BC: Optional[Array] = None,
+) -> tuple[Array, Array, dict[str, Array]]:
   """Returns (loss_sum, denom, aux); loss = loss_sum / denom (to minimise). See the module docstring."""
   if cfg.external_treatment not in TREATMENTS:
     raise ValueError(f"unknown external_treatment {cfg.external_treatment!r}")

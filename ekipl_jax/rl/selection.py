@@ -11,6 +11,7 @@ Modes (cfg.selection):
   'replace' LUFFY: the first G - k policy rows and the first k external rows (pool order, reward-blind).
 Kept rows are returned prompt-major (prompts in order of first appearance), each group in pool order.
 """
+
 from typing import Any
 
 import numpy as np

@@ -28,6 +28,7 @@ Metrics: loss and grad_norm (global, before clipping) are means over the mu inne
 loss at pi_old); kl, entropy, clip_low / clip_high (/ clip_dual) are per-token means and rho_{mean,min,max}/{policy,
 external} the ratio pi_theta / pi_old by source, all over every epoch; skipped (this call) and skipped_steps (total).
 """
+
 from typing import Any, Callable, Optional
 
 import flax
@@ -51,19 +52,26 @@ class TrainState:
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                    skipped_steps=jnp.zeros((), jnp.int32))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=optimizer.init(params),
+      skipped_steps=jnp.zeros((), jnp.int32),
+  )
 
 
 def lr_schedule(ocfg) -> optax.Schedule:
   if ocfg.schedule == "constant":
     if ocfg.warmup_steps > 0:
-      return optax.join_schedules([optax.linear_schedule(0.0, ocfg.lr, ocfg.warmup_steps),
-                                   optax.constant_schedule(ocfg.lr)], [ocfg.warmup_steps])
+      return optax.join_schedules(
+          [optax.linear_schedule(0.0, ocfg.lr, ocfg.warmup_steps), optax.constant_schedule(ocfg.lr)],
+          [ocfg.warmup_steps],
+      )
     return optax.constant_schedule(ocfg.lr)
   if ocfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, ocfg.lr, ocfg.warmup_steps, max(ocfg.total_steps, 1),
-                                              end_value=ocfg.lr * ocfg.final_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, ocfg.lr, ocfg.warmup_steps, max(ocfg.total_steps, 1), end_value=ocfg.lr * ocfg.final_lr_ratio
+    )
   raise ValueError(f"unknown schedule {ocfg.schedule!r}")
 
 
@@ -85,6 +93,7 @@ def _split(batch: dict, k: int) -> dict:
     n = x.shape[0] // B
     y = x.reshape(B // k, k, n, *x.shape[1:]).swapaxes(0, 1)
     return y.reshape(k, (B // k) * n, *x.shape[1:])
+
   return jax.tree.map(one, batch)
 
 
@@ -93,8 +102,9 @@ def _init_aux(shapes: dict) -> dict:
   return {k: jnp.full(s.shape, fill[k.split("/", 1)[0]], s.dtype) for k, s in shapes.items()}
 
 
-def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformation, cfg, *,
-                    state_sharding: Any = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(
+    logprob_fn: LogprobFn, optimizer: optax.GradientTransformation, cfg, *, state_sharding: Any = None
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """cfg: the rl config (loss fields, mu, micro_batches). state_sharding: optional out-sharding of the state."""
   k, mu = int(cfg.micro_batches), int(cfg.mu)
 
@@ -102,13 +112,26 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
     logp_BC, ent_BC = logprob_fn(params, mb)
     old = logp_BC if old_logp_BC is None else old_logp_BC  # mu == 1: pi_old == pi_theta numerically, rho == 1
     loss_sum, denom, aux = rl_loss.grpo_loss(
-        logp_BC, old, mb.get("ref_logp"), mb["advantages"], mb["mask"], mb["is_external"],
-        mb.get("behaviour_logp"), cfg, has_behaviour_B=mb.get("has_behaviour"), entropy_BC=ent_BC)
+        logp_BC,
+        old,
+        mb.get("ref_logp"),
+        mb["advantages"],
+        mb["mask"],
+        mb["is_external"],
+        mb.get("behaviour_logp"),
+        cfg,
+        has_behaviour_B=mb.get("has_behaviour"),
+        entropy_BC=ent_BC,
+    )
     if "sampler_logp" in mb:  # health check (as lmpo logs): sampler vs trainer log-probs of the policy's own tokens
       m_BC = (mb["mask"] * (1 - mb["is_external"].astype(mb["mask"].dtype))[:, None]).astype(jnp.float32)
       diff_BC = jnp.abs(jax.lax.stop_gradient(logp_BC) - mb["sampler_logp"])
-      aux = {**aux, "sum/sampler_diff": jnp.sum(diff_BC * m_BC), "sum/sampler_tokens": jnp.sum(m_BC),
-             "max/sampler_diff": jnp.max(diff_BC * m_BC)}
+      aux = {
+          **aux,
+          "sum/sampler_diff": jnp.sum(diff_BC * m_BC),
+          "sum/sampler_tokens": jnp.sum(m_BC),
+          "max/sampler_diff": jnp.max(diff_BC * m_BC),
+      }
     return loss_sum, (denom, aux)
 
   def accumulate(params, mbs: dict, old_kBC: Optional[Array]):
@@ -133,6 +156,7 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
   def old_logprobs(params, mbs: dict) -> Array:
     def body(_, mb):
       return None, jax.lax.stop_gradient(logprob_fn(params, mb)[0])
+
     return jax.lax.scan(body, None, mbs)[1]
 
   def epoch(carry, _, mbs, old_kBC):
@@ -160,14 +184,22 @@ def make_train_step(logprob_fn: LogprobFn, optimizer: optax.GradientTransformati
       old_kBC = None
     carry = (state.params, state.opt_state, jnp.zeros((), jnp.int32))
     (params, opt_state, skipped), (loss_E, gnorm_E, denom_E, aux_E) = jax.lax.scan(
-        lambda c, x: epoch(c, x, mbs, old_kBC), carry, None, length=mu)
+        lambda c, x: epoch(c, x, mbs, old_kBC), carry, None, length=mu
+    )
     red = {"sum": jnp.sum, "min": jnp.min, "max": jnp.max}
     aux = {key: red[key.split("/", 1)[0]](v, axis=0) for key, v in aux_E.items()}
-    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                          skipped_steps=state.skipped_steps + skipped)
-    metrics = {"loss": loss_E.mean(), "loss_first_epoch": loss_E[0], "grad_norm": gnorm_E.mean(),
-               "denom": denom_E[0], "skipped": skipped, "skipped_steps": state.skipped_steps,
-               **rl_loss.finalize_aux(aux)}
+    state = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=state.skipped_steps + skipped
+    )
+    metrics = {
+        "loss": loss_E.mean(),
+        "loss_first_epoch": loss_E[0],
+        "grad_norm": gnorm_E.mean(),
+        "denom": denom_E[0],
+        "skipped": skipped,
+        "skipped_steps": state.skipped_steps,
+        **rl_loss.finalize_aux(aux),
+    }
     return state, metrics
 
   out_shardings = None if state_sharding is None else (state_sharding, None)
@@ -183,13 +215,16 @@ def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
     x = np.asarray(x)
     s = sharding.logical_sharding(("batch",) + (None,) * (x.ndim - 1), mesh, shape=x.shape)
     return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
   return jax.tree.map(one, batch)
 
 
 def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
   """Every leaf fully replicated over the mesh (multi-process safe: each process passes the same values)."""
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
   def one(x):
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
   return jax.tree.map(one, tree)

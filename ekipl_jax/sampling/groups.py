@@ -11,6 +11,7 @@ completion (it stops right after the EOS it sampled, and that EOS is part of the
 than C is cut to C tokens (no end token then) and flagged `truncated`; a policy row that hit max_new_tokens
 without an EOS is flagged the same way.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,126 +26,163 @@ POLICY = "policy"
 
 @dataclasses.dataclass
 class Groups:
-    """Host arrays, R rows. source_names[s] names source id s (0 = "policy")."""
-    prompt_ids_RP: np.ndarray       # int32, left padded
-    prompt_mask_RP: np.ndarray      # int32
-    completion_ids_RC: np.ndarray   # int32, right padded with pad_id
-    completion_mask_RC: np.ndarray  # int32, 1 on completion tokens (EOS/end token included)
-    source_R: np.ndarray            # int32, 0 policy, 1..M external
-    behaviour_logp_RC: np.ndarray   # float32, 0 where unknown (policy rows: the sampler's log-probs)
-    has_behaviour_R: np.ndarray     # bool
-    truncated_R: np.ndarray         # bool: ended at C tokens without an end token
-    prompt_index_R: np.ndarray      # int32, which prompt of the batch the row belongs to
-    texts: list[str]                # completion texts for the rewards
-    source_names: tuple[str, ...]
-    metrics: dict[str, float]
+  """Host arrays, R rows. source_names[s] names source id s (0 = "policy")."""
+
+  prompt_ids_RP: np.ndarray  # int32, left padded
+  prompt_mask_RP: np.ndarray  # int32
+  completion_ids_RC: np.ndarray  # int32, right padded with pad_id
+  completion_mask_RC: np.ndarray  # int32, 1 on completion tokens (EOS/end token included)
+  source_R: np.ndarray  # int32, 0 policy, 1..M external
+  behaviour_logp_RC: np.ndarray  # float32, 0 where unknown (policy rows: the sampler's log-probs)
+  has_behaviour_R: np.ndarray  # bool
+  truncated_R: np.ndarray  # bool: ended at C tokens without an end token
+  prompt_index_R: np.ndarray  # int32, which prompt of the batch the row belongs to
+  texts: list[str]  # completion texts for the rewards
+  source_names: tuple[str, ...]
+  metrics: dict[str, float]
 
 
 def hf_tokenize_fn(tokenizer) -> Callable[[str], list[int]]:
-    """text -> ids with a transformers tokenizer, without special tokens (the completion sits after the prompt)."""
-    return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
+  """text -> ids with a transformers tokenizer, without special tokens (the completion sits after the prompt)."""
+  return lambda text: list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _external_row(resp: AuxResponse, tokenize: Callable[[str], Sequence[int]], end_ids: Sequence[int], C: int,
-                  tokenizer_name: str | None):
-    """(ids, behaviour logp or None, truncated) for one external response."""
-    ids = list(tokenize(resp.text)) + list(end_ids)
-    lp = resp.behaviour_logprobs
-    known = (lp is not None and tokenizer_name is not None and resp.behaviour_tokenizer == tokenizer_name
-             and len(lp) == len(ids))
-    truncated = len(ids) > C
-    ids = ids[:C]
-    return ids, (np.asarray(lp[:C], np.float32) if known else None), truncated
+def _external_row(
+    resp: AuxResponse,
+    tokenize: Callable[[str], Sequence[int]],
+    end_ids: Sequence[int],
+    C: int,
+    tokenizer_name: str | None,
+):
+  """(ids, behaviour logp or None, truncated) for one external response."""
+  ids = list(tokenize(resp.text)) + list(end_ids)
+  lp = resp.behaviour_logprobs
+  known = (
+      lp is not None
+      and tokenizer_name is not None
+      and resp.behaviour_tokenizer == tokenizer_name
+      and len(lp) == len(ids)
+  )
+  truncated = len(ids) > C
+  ids = ids[:C]
+  return ids, (np.asarray(lp[:C], np.float32) if known else None), truncated
 
 
-def assemble(prompt_ids_BP: np.ndarray, prompt_mask_BP: np.ndarray, example_ids: Sequence[str], policy,
-             store: AuxStore | None, *, tokenize: Callable[[str], Sequence[int]],
-             detokenize: Callable[[Sequence[int]], str], end_ids: Sequence[int], eos_token_ids: Sequence[int],
-             source_names: Sequence[str], k_per_source: int, pad_id: int = 0,
-             tokenizer_name: str | None = None) -> Groups:
-    """Build the group layout. `policy` is the sampler's output (`generate`, num_samples = G): prompt-major rows
-    N = B * G with .tokens [N, C], .lengths [N] and .logprobs [N, C] (the log-probs of the distribution actually
-    sampled from; they become the policy rows' behaviour log-probs; may be None).
+def assemble(
+    prompt_ids_BP: np.ndarray,
+    prompt_mask_BP: np.ndarray,
+    example_ids: Sequence[str],
+    policy,
+    store: AuxStore | None,
+    *,
+    tokenize: Callable[[str], Sequence[int]],
+    detokenize: Callable[[Sequence[int]], str],
+    end_ids: Sequence[int],
+    eos_token_ids: Sequence[int],
+    source_names: Sequence[str],
+    k_per_source: int,
+    pad_id: int = 0,
+    tokenizer_name: str | None = None,
+) -> Groups:
+  """Build the group layout. `policy` is the sampler's output (`generate`, num_samples = G): prompt-major rows
+  N = B * G with .tokens [N, C], .lengths [N] and .logprobs [N, C] (the log-probs of the distribution actually
+  sampled from; they become the policy rows' behaviour log-probs; may be None).
 
-    tokenize: text -> ids (policy tokenizer, no special tokens); detokenize: ids -> text (completion text for
-    the rewards, EOS and padding already removed); end_ids: appended after an external text; source_names: the
-    external model names in source-id order 1..M (responses of other sources are ignored); tokenizer_name: the
-    policy tokenizer's name, to decide whether stored behaviour log-probs refer to our tokens."""
-    prompt_ids_BP, prompt_mask_BP = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
-    tokens_NC = np.asarray(policy.tokens)
-    B, N, C = prompt_ids_BP.shape[0], tokens_NC.shape[0], tokens_NC.shape[1]
-    if N % B or len(example_ids) != B:
-        raise ValueError(f"{N} policy rows for {B} prompts / {len(example_ids)} ids")
-    G = N // B
-    lengths_N = np.asarray(policy.lengths)
-    logp_NC = None if getattr(policy, "logprobs", None) is None else np.asarray(policy.logprobs, np.float32)
-    source_id = {name: i + 1 for i, name in enumerate(source_names)}
-    eos = set(int(e) for e in eos_token_ids)
+  tokenize: text -> ids (policy tokenizer, no special tokens); detokenize: ids -> text (completion text for
+  the rewards, EOS and padding already removed); end_ids: appended after an external text; source_names: the
+  external model names in source-id order 1..M (responses of other sources are ignored); tokenizer_name: the
+  policy tokenizer's name, to decide whether stored behaviour log-probs refer to our tokens."""
+  prompt_ids_BP, prompt_mask_BP = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
+  tokens_NC = np.asarray(policy.tokens)
+  B, N, C = prompt_ids_BP.shape[0], tokens_NC.shape[0], tokens_NC.shape[1]
+  if N % B or len(example_ids) != B:
+    raise ValueError(f"{N} policy rows for {B} prompts / {len(example_ids)} ids")
+  G = N // B
+  lengths_N = np.asarray(policy.lengths)
+  logp_NC = None if getattr(policy, "logprobs", None) is None else np.asarray(policy.logprobs, np.float32)
+  source_id = {name: i + 1 for i, name in enumerate(source_names)}
+  eos = set(int(e) for e in eos_token_ids)
 
-    rows = []  # (prompt b, source, ids, logp or None, truncated, text)
-    n_missing = n_ext = n_trunc_ext = 0
-    for b in range(B):
-        for g in range(G):
-            n = b * G + g
-            ln = int(lengths_N[n])
-            ids = tokens_NC[n, :ln].tolist()
-            ended = ln > 0 and ids[-1] in eos
-            text = detokenize(ids[:-1] if ended else ids)
-            rows.append((b, 0, ids, None if logp_NC is None else logp_NC[n, :ln], not ended, text))
-        responses = [] if store is None else store.get(example_ids[b])
-        by_source: dict[int, list[AuxResponse]] = {}
-        for r in responses:
-            if r.source in source_id:
-                by_source.setdefault(source_id[r.source], []).append(r)
-        if not by_source:
-            n_missing += 1
-        for s in sorted(by_source):
-            for r in sorted(by_source[s], key=lambda r: r.sample)[:k_per_source]:
-                ids, lp, trunc = _external_row(r, tokenize, end_ids, C, tokenizer_name)
-                text = detokenize(ids) if trunc else r.text
-                rows.append((b, s, ids, lp, trunc, text))
-                n_ext += 1
-                n_trunc_ext += int(trunc)
+  rows = []  # (prompt b, source, ids, logp or None, truncated, text)
+  n_missing = n_ext = n_trunc_ext = 0
+  for b in range(B):
+    for g in range(G):
+      n = b * G + g
+      ln = int(lengths_N[n])
+      ids = tokens_NC[n, :ln].tolist()
+      ended = ln > 0 and ids[-1] in eos
+      text = detokenize(ids[:-1] if ended else ids)
+      rows.append((b, 0, ids, None if logp_NC is None else logp_NC[n, :ln], not ended, text))
+    responses = [] if store is None else store.get(example_ids[b])
+    by_source: dict[int, list[AuxResponse]] = {}
+    for r in responses:
+      if r.source in source_id:
+        by_source.setdefault(source_id[r.source], []).append(r)
+    if not by_source:
+      n_missing += 1
+    for s in sorted(by_source):
+      for r in sorted(by_source[s], key=lambda r: r.sample)[:k_per_source]:
+        ids, lp, trunc = _external_row(r, tokenize, end_ids, C, tokenizer_name)
+        text = detokenize(ids) if trunc else r.text
+        rows.append((b, s, ids, lp, trunc, text))
+        n_ext += 1
+        n_trunc_ext += int(trunc)
 
-    R = len(rows)
-    completion_ids = np.full((R, C), pad_id, np.int32)
-    completion_mask = np.zeros((R, C), np.int32)
-    behaviour = np.zeros((R, C), np.float32)
-    has_behaviour = np.zeros(R, bool)
-    truncated = np.zeros(R, bool)
-    source = np.zeros(R, np.int32)
-    prompt_index = np.zeros(R, np.int32)
-    for r, (b, s, ids, lp, trunc, _) in enumerate(rows):
-        completion_ids[r, :len(ids)] = ids
-        completion_mask[r, :len(ids)] = 1
-        if lp is not None:
-            behaviour[r, :len(lp)] = lp
-            has_behaviour[r] = True
-        truncated[r], source[r], prompt_index[r] = trunc, s, b
-    metrics = {"groups/missing_external": float(n_missing), "groups/external_rows": float(n_ext),
-               "groups/external_truncated": float(n_trunc_ext), "groups/rows": float(R)}
-    return Groups(prompt_ids_RP=prompt_ids_BP[prompt_index].astype(np.int32),
-                  prompt_mask_RP=prompt_mask_BP[prompt_index].astype(np.int32),
-                  completion_ids_RC=completion_ids, completion_mask_RC=completion_mask, source_R=source,
-                  behaviour_logp_RC=behaviour, has_behaviour_R=has_behaviour, truncated_R=truncated,
-                  prompt_index_R=prompt_index, texts=[row[5] for row in rows],
-                  source_names=(POLICY, *source_names), metrics=metrics)
+  R = len(rows)
+  completion_ids = np.full((R, C), pad_id, np.int32)
+  completion_mask = np.zeros((R, C), np.int32)
+  behaviour = np.zeros((R, C), np.float32)
+  has_behaviour = np.zeros(R, bool)
+  truncated = np.zeros(R, bool)
+  source = np.zeros(R, np.int32)
+  prompt_index = np.zeros(R, np.int32)
+  for r, (b, s, ids, lp, trunc, _) in enumerate(rows):
+    completion_ids[r, : len(ids)] = ids
+    completion_mask[r, : len(ids)] = 1
+    if lp is not None:
+      behaviour[r, : len(lp)] = lp
+      has_behaviour[r] = True
+    truncated[r], source[r], prompt_index[r] = trunc, s, b
+  metrics = {
+      "groups/missing_external": float(n_missing),
+      "groups/external_rows": float(n_ext),
+      "groups/external_truncated": float(n_trunc_ext),
+      "groups/rows": float(R),
+  }
+  return Groups(
+      prompt_ids_RP=prompt_ids_BP[prompt_index].astype(np.int32),
+      prompt_mask_RP=prompt_mask_BP[prompt_index].astype(np.int32),
+      completion_ids_RC=completion_ids,
+      completion_mask_RC=completion_mask,
+      source_R=source,
+      behaviour_logp_RC=behaviour,
+      has_behaviour_R=has_behaviour,
+      truncated_R=truncated,
+      prompt_index_R=prompt_index,
+      texts=[row[5] for row in rows],
+      source_names=(POLICY, *source_names),
+      metrics=metrics,
+  )
 
 
-def repeat_images(pixel_values_NP: np.ndarray | None, image_grid_thw: np.ndarray | None,
-                  images_per_prompt: Sequence[int], prompt_index_R: np.ndarray):
-    """Patches and grids for the rows (images in row order), given how many images each prompt of the batch has."""
-    if pixel_values_NP is None:
-        return None, None
-    grid = np.asarray(image_grid_thw)
-    patches = grid.prod(-1)
-    img_start = np.concatenate([[0], np.cumsum(images_per_prompt)])
-    patch_start = np.concatenate([[0], np.cumsum(patches)])
-    pv, gr = [], []
-    for b in np.asarray(prompt_index_R):
-        for i in range(img_start[b], img_start[b + 1]):
-            pv.append(pixel_values_NP[patch_start[i]:patch_start[i + 1]])
-            gr.append(grid[i])
-    if not gr:
-        return None, None
-    return np.concatenate(pv), np.stack(gr)
+def repeat_images(
+    pixel_values_NP: np.ndarray | None,
+    image_grid_thw: np.ndarray | None,
+    images_per_prompt: Sequence[int],
+    prompt_index_R: np.ndarray,
+):
+  """Patches and grids for the rows (images in row order), given how many images each prompt of the batch has."""
+  if pixel_values_NP is None:
+    return None, None
+  grid = np.asarray(image_grid_thw)
+  patches = grid.prod(-1)
+  img_start = np.concatenate([[0], np.cumsum(images_per_prompt)])
+  patch_start = np.concatenate([[0], np.cumsum(patches)])
+  pv, gr = [], []
+  for b in np.asarray(prompt_index_R):
+    for i in range(img_start[b], img_start[b + 1]):
+      pv.append(pixel_values_NP[patch_start[i] : patch_start[i + 1]])
+      gr.append(grid[i])
+  if not gr:
+    return None, None
+  return np.concatenate(pv), np.stack(gr)

@@ -3,6 +3,7 @@
 Exact resume: everything random in a run is derived from (seed, step) and the data order from (seed, position), so
 restoring the state and the position written here continues a killed run bit for bit.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,17 +21,18 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(
         directory if "://" in directory else os.path.abspath(directory),  # gs://... stays a bucket path
         options=ocp.CheckpointManagerOptions(
-            save_interval_steps=max(1, every), max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save),
-        item_names=("state", "meta"))
+            save_interval_steps=max(1, every), max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        ),
+        item_names=("state", "meta"),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
     saved = self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=force
+    )
     return bool(saved)
 
   def restore(self, state_like: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -40,7 +42,8 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint under {self.manager.directory}")
     abstract = jax.tree.map(_abstract, state_like)
     out = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
+    )
     return out["state"], dict(out["meta"])
 
   def wait(self) -> None:

@@ -4,6 +4,7 @@ The order of training examples is a function of (seed, epoch) alone, and step s 
 [s * batch, (s + 1) * batch) of that endless order, so a run resumed at step s reads exactly what it would have read.
 Every process reads the same global batch (the update step keeps each device's slice).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,14 +26,19 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
   if dcfg.builder == "synthetic_reasoning":
     scfg = builders.SyntheticConfig(
         name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}",
-        seed=int(dcfg.get("synthetic_seed", 0)), num_train=int(dcfg.num_train), num_test_id=int(dcfg.num_test),
-        num_test_ood=int(dcfg.num_test), image_size=int(dcfg.image_size))
+        seed=int(dcfg.get("synthetic_seed", 0)),
+        num_train=int(dcfg.num_train),
+        num_test_id=int(dcfg.num_test),
+        num_test_ood=int(dcfg.num_test),
+        image_size=int(dcfg.image_size),
+    )
     return builders.prepare_synthetic(_expand(dcfg.data_dir), scfg)
   if dcfg.builder == "reason_rft_cot":
     if not dcfg.manual_dir:
       raise ValueError("config key data.manual_dir: the local Reason-RFT-CoT-Dataset folder is required")
-    return builders.prepare_reason_rft(_expand(dcfg.manual_dir), _expand(dcfg.data_dir),
-                                       dcfg.builder_config or dcfg.task)
+    return builders.prepare_reason_rft(
+        _expand(dcfg.manual_dir), _expand(dcfg.data_dir), dcfg.builder_config or dcfg.task
+    )
   raise ValueError(f"config key data.builder: unknown builder {dcfg.builder!r}")
 
 

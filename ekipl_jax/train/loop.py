@@ -4,6 +4,7 @@ A stage supplies `step_fn(state, step) -> (state, metrics)` and `eval_fn(state, 
 inside them derives from (seed, step), and the data position is the step, so the checkpointed state and step are
 the whole run: a killed run restarted with the same command continues exactly where the checkpoint left it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,13 +34,22 @@ def barrier(name: str, timeout_s: int = 2 * 3600) -> None:
     ocp.multihost.get_barrier_sync_fn()(key=f"{name}_{next(_BARRIER_COUNT)}", timeout_ms=timeout_s * 1000)
 
 
-def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
-             step_fn: Callable, eval_fn: Callable | None, eval_every: int,
-             text_fn: Callable[[], dict[str, str]] | None = None) -> tuple[object, list[dict]]:
+def run_loop(
+    name: str,
+    cfg,
+    workdir: str,
+    state,
+    total_steps: int,
+    step_fn: Callable,
+    eval_fn: Callable | None,
+    eval_every: int,
+    text_fn: Callable[[], dict[str, str]] | None = None,
+) -> tuple[object, list[dict]]:
   """Runs steps [restored step, total_steps); returns the final state and this stage's metric lines.
   text_fn: Markdown texts (e.g. one group's completions) logged at each evaluation step."""
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every,
-                                     keep=cfg.checkpoint.keep)
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
+  )
   writer = metrics_lib.MetricWriter(workdir)
   start = 0
   if ckpt.latest_step() is not None:
@@ -50,8 +60,14 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
   elif eval_fn is not None and eval_every > 0:
     writer.scalars(0, eval_fn(state, 0))
   try:
-    bar = tqdm(range(start, total_steps), desc=name, initial=start, total=total_steps, dynamic_ncols=True,
-               disable=jax.process_index() != 0)
+    bar = tqdm(
+        range(start, total_steps),
+        desc=name,
+        initial=start,
+        total=total_steps,
+        dynamic_ncols=True,
+        disable=jax.process_index() != 0,
+    )
     for step in bar:
       if step == cfg.fail_at_step:
         raise InjectedFailure(f"config.fail_at_step={step}")
@@ -68,8 +84,13 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
       if text_fn is not None and (eval_every <= 0 or done % eval_every == 0 or done == total_steps):
         for tag, body in text_fn().items():
           writer.text(done, tag, body)
-      bar.set_postfix({k.split("/")[-1]: f"{v:.3g}" for k, v in m.items()
-                       if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")})
+      bar.set_postfix(
+          {
+              k.split("/")[-1]: f"{v:.3g}"
+              for k, v in m.items()
+              if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")
+          }
+      )
       ckpt.save(done, state, {"step": done}, force=done == total_steps)
   finally:  # a failing step still leaves the last checkpoint complete on disk
     ckpt.close()
@@ -77,4 +98,3 @@ def run_loop(name: str, cfg, workdir: str, state, total_steps: int,
   barrier(f"{name}_metrics_written")  # process 0 has closed the file every process reads (workdir is shared)
   lines = metrics_lib.read_jsonl(writer.path) if os.path.exists(writer.path) else []
   return state, lines
-

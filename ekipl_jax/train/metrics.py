@@ -1,4 +1,5 @@
 """Metrics: one JSONL line per logged step (the file a test or a plot reads) and TensorBoard scalars and texts."""
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def truncate_after(self, step: int) -> None:

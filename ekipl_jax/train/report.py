@@ -1,4 +1,5 @@
 """Results as a researcher reads them: a table laid out like Reason-RFT's (Markdown + JSON) and curves over RL steps."""
+
 from __future__ import annotations
 
 import json
@@ -41,7 +42,9 @@ def write_results(out_dir: str, rows: Mapping[str, Mapping[str, Sequence[float]]
   return md
 
 
-def curves(runs: Mapping[str, Sequence[Sequence[dict]]], key: str) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def curves(
+    runs: Mapping[str, Sequence[Sequence[dict]]], key: str
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """runs: method -> per-seed metric lines. Returns method -> (steps, mean, std) over seeds at steps all seeds have."""
   out = {}
   for method, seeds in runs.items():
@@ -55,8 +58,10 @@ def curves(runs: Mapping[str, Sequence[Sequence[dict]]], key: str) -> dict[str, 
 def plot_curves(path: str, runs: Mapping[str, Sequence[Sequence[dict]]], keys: Sequence[tuple[str, str]]) -> None:
   """One panel per (metric key, title): mean line and a ±std band over seeds for each method."""
   import matplotlib  # pylint: disable=g-import-not-at-top
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
   for ax, (key, title) in zip(axes[0], keys):
     for method, (steps, mean, std) in curves(runs, key).items():

@@ -5,6 +5,7 @@
 
 Everything random derives from (seed, step); the examples of step s are a function of (seed, s).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,18 +31,19 @@ class RLContext:
   model: Any
   proc: Any
   train_src: Any
-  store: Any                      # AuxStore or None (plain GRPO)
+  store: Any  # AuxStore or None (plain GRPO)
   mesh: Any
-  train_step: Any                 # update.make_train_step(...) for this prompt length
-  ref_params: Any = None          # frozen reference policy (only when beta > 0)
+  train_step: Any  # update.make_train_step(...) for this prompt length
+  ref_params: Any = None  # frozen reference policy (only when beta > 0)
   last_group_text: str = ""
 
 
 def make_logprob_fn(model, P: int, chunk: int, temperature: float = 1.0):
   """log pi_theta of the completion tokens under softmax(logits / T), T the sampling temperature (as TRL's GRPO
   scores them), so that for policy rows pi_old equals what the sampler drew from."""
-  return lambda params, mb: packed.row_logprobs(model, params, mb, targets_from=P, chunk_size=chunk,
-                                                temperature=temperature)
+  return lambda params, mb: packed.row_logprobs(
+      model, params, mb, targets_from=P, chunk_size=chunk, temperature=temperature
+  )
 
 
 @functools.lru_cache(maxsize=8)
@@ -57,9 +59,13 @@ def build_step(model, cfg, optimizer, state_sharding=None):
   def get(P: int):
     if P not in cache:
       cache[P] = update.make_train_step(
-          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature), optimizer, cfg.rl,
-          state_sharding=state_sharding)
+          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature),
+          optimizer,
+          cfg.rl,
+          state_sharding=state_sharding,
+      )
     return cache[P]
+
   return get
 
 
@@ -74,18 +80,38 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
 
   # 1. N policy samples per prompt (jit, KV cache); 2. the pool: + K stored responses per external model.
   out = sampling.generate(
-      ctx.model, state.params, pb["input_ids"], pb["attention_mask"], pb["pixel_values"], pb["image_grid_thw"],
-      max_new_tokens=rcfg.sampling.max_new_tokens, temperature=rcfg.sampling.temperature,
-      top_p=rcfg.sampling.top_p, top_k=rcfg.sampling.top_k, eos_token_ids=[proc.eos_token_id], rng=rng,
-      num_samples=rcfg.num_policy_samples, pad_token_id=proc.pad_token_id, prompt_buckets=(P,))
+      ctx.model,
+      state.params,
+      pb["input_ids"],
+      pb["attention_mask"],
+      pb["pixel_values"],
+      pb["image_grid_thw"],
+      max_new_tokens=rcfg.sampling.max_new_tokens,
+      temperature=rcfg.sampling.temperature,
+      top_p=rcfg.sampling.top_p,
+      top_k=rcfg.sampling.top_k,
+      eos_token_ids=[proc.eos_token_id],
+      rng=rng,
+      num_samples=rcfg.num_policy_samples,
+      pad_token_id=proc.pad_token_id,
+      prompt_buckets=(P,),
+  )
   out = jax.tree.map(sharding.to_host, out)  # multi-host: every process sees every row
   g = groups_lib.assemble(
-      pb["input_ids"], pb["attention_mask"], [ex["id"] for ex in examples], out, ctx.store,
-      tokenize=lambda t: processor_lib.encode_completion(proc, t), end_ids=[proc.eos_token_id],
+      pb["input_ids"],
+      pb["attention_mask"],
+      [ex["id"] for ex in examples],
+      out,
+      ctx.store,
+      tokenize=lambda t: processor_lib.encode_completion(proc, t),
+      end_ids=[proc.eos_token_id],
       detokenize=lambda ids: proc.tokenizer.decode(ids, skip_special_tokens=True),
-      eos_token_ids=[proc.eos_token_id], source_names=tuple(cfg.aux.sources),
-      k_per_source=rcfg.num_external_per_model, pad_id=proc.pad_token_id,
-      tokenizer_name=cfg.aux.behaviour_tokenizer or None)
+      eos_token_ids=[proc.eos_token_id],
+      source_names=tuple(cfg.aux.sources),
+      k_per_source=rcfg.num_external_per_model,
+      pad_id=proc.pad_token_id,
+      tokenizer_name=cfg.aux.behaviour_tokenizer or None,
+  )
 
   # 3. rewards r_i; 4. selection of G rows per prompt; 5. advantages A_i over the kept group.
   row_examples = [examples[b] for b in g.prompt_index_R]
@@ -96,27 +122,43 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
 
   # 6. the update on the kept rows (each row carries its own images).
   images_per_prompt = [len(ex["images"]) for ex in examples]
-  pv, grid = groups_lib.repeat_images(pb["pixel_values"], pb["image_grid_thw"], images_per_prompt,
-                                      g.prompt_index_R[keep])
-  batch = batching.rows_batch(ctx.model, g.prompt_ids_RP[keep], g.prompt_mask_RP[keep], g.completion_ids_RC[keep],
-                              g.completion_mask_RC[keep], pv, grid,
-                              [images_per_prompt[b] for b in g.prompt_index_R[keep]])
-  batch.update(advantages=A_K, is_external=(g.source_R[keep] > 0), behaviour_logp=g.behaviour_logp_RC[keep],
-               has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
-               sampler_logp=_sampler_logp(out, g, keep))
+  pv, grid = groups_lib.repeat_images(
+      pb["pixel_values"], pb["image_grid_thw"], images_per_prompt, g.prompt_index_R[keep]
+  )
+  batch = batching.rows_batch(
+      ctx.model,
+      g.prompt_ids_RP[keep],
+      g.prompt_mask_RP[keep],
+      g.completion_ids_RC[keep],
+      g.completion_mask_RC[keep],
+      pv,
+      grid,
+      [images_per_prompt[b] for b in g.prompt_index_R[keep]],
+  )
+  batch.update(
+      advantages=A_K,
+      is_external=(g.source_R[keep] > 0),
+      behaviour_logp=g.behaviour_logp_RC[keep],
+      has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
+      sampler_logp=_sampler_logp(out, g, keep),
+  )
   batch = update.shard_batch(batch, ctx.mesh)
   if rcfg.beta != 0:
-    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, rcfg.sampling.temperature)(
-        ctx.ref_params, batch)
+    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, rcfg.sampling.temperature)(ctx.ref_params, batch)
   state, m = ctx.train_step(P)(state, batch)
 
   kept_src = g.source_R[keep]
-  metrics = {**m, **sel_metrics, **g.metrics,
-             "reward/mean": float(r_R[keep].mean()), "reward/pool_mean": float(r_R.mean()),
-             "reward/policy_mean": float(r_R[g.source_R == 0].mean()),
-             "tokens": float(np.asarray(out.lengths).sum()),
-             "completion/policy_mean_length": float(np.asarray(out.lengths).mean()),
-             "completion/truncated": float(g.truncated_R[g.source_R == 0].mean())}
+  metrics = {
+      **m,
+      **sel_metrics,
+      **g.metrics,
+      "reward/mean": float(r_R[keep].mean()),
+      "reward/pool_mean": float(r_R.mean()),
+      "reward/policy_mean": float(r_R[g.source_R == 0].mean()),
+      "tokens": float(np.asarray(out.lengths).sum()),
+      "completion/policy_mean_length": float(np.asarray(out.lengths).mean()),
+      "completion/truncated": float(g.truncated_R[g.source_R == 0].mean()),
+  }
   for name, v in per.items():
     metrics[f"reward/{name}"] = float(v[g.source_R == 0].mean())  # the policy's own score on its samples
   ctx.last_group_text = group_text(g, keep, r_R, A_K, kept_src, b=0)
@@ -142,8 +184,9 @@ def group_text(g, keep: np.ndarray, r_R: np.ndarray, A_K: np.ndarray, kept_src: 
   for i in np.flatnonzero(g.prompt_index_R == b):
     text = g.texts[i].replace("\n", " ").replace("|", "/")[:300]
     a = f"{adv[int(i)]:+.3f}" if int(i) in adv else ""
-    lines.append(f"| {g.source_names[g.source_R[i]]} | {'yes' if int(i) in adv else 'no'} | {r_R[i]:.2f} | {a} | "
-                 f"{text} |")
+    lines.append(
+        f"| {g.source_names[g.source_R[i]]} | {'yes' if int(i) in adv else 'no'} | {r_R[i]:.2f} | {a} | " f"{text} |"
+    )
   return "\n".join(lines)
 
 

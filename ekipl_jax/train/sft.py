@@ -3,6 +3,7 @@
 
     L(theta) = - sum_{r,t} m_rt log pi_theta(y_rt | x_r, y_r,<t) / sum_{r,t} m_rt
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,6 +20,7 @@ from ekipl_jax.train import batching
 
 def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: int, *, state_sharding: Any = None):
   """state_sharding: the state's out-sharding (else XLA picks one, which the next call compiles for again)."""
+
   def loss_fn(params, batch, P):
     logp_RC, _ = packed.row_logprobs(model, params, batch, targets_from=P, chunk_size=chunk_size)
     m_RC = batch["mask"].astype(jnp.float32)
@@ -27,24 +29,34 @@ def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: in
   def step(state: update.TrainState, batch: dict, P: int):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, P)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          opt_state=opt_state)
+    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
     return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(batch["mask"])}
+
   out_shardings = None if state_sharding is None else (state_sharding, None)
   return jax.jit(step, donate_argnames=("state",), static_argnames=("P",), out_shardings=out_shardings)
 
 
 def make_batch(model, proc, examples, cfg) -> tuple[dict, int]:
-  b = processor_lib.sft_batch(proc, examples, cfg.data.prompt_buckets, (cfg.sft.max_completion,),
-                              cfg.data.prompt_templates.to_dict() or None)
+  b = processor_lib.sft_batch(
+      proc, examples, cfg.data.prompt_buckets, (cfg.sft.max_completion,), cfg.data.prompt_templates.to_dict() or None
+  )
   P = int(b["prompt_length"])
-  return batching.rows_batch(model, b["input_ids"][:, :P], b["attention_mask"][:, :P], b["input_ids"][:, P:],
-                             b["loss_mask"][:, P:], b["pixel_values"], b["image_grid_thw"],
-                             [len(ex["images"]) for ex in examples]), P
+  return (
+      batching.rows_batch(
+          model,
+          b["input_ids"][:, :P],
+          b["attention_mask"][:, :P],
+          b["input_ids"][:, P:],
+          b["loss_mask"][:, P:],
+          b["pixel_values"],
+          b["image_grid_thw"],
+          [len(ex["images"]) for ex in examples],
+      ),
+      P,
+  )
 
 
 def optimizer_for(scfg, total_steps: int) -> optax.GradientTransformation:
   """AdamW, linear warm-up then cosine decay, global-norm clipping (Reason-RFT SFT: lr 1e-5, 100 warm-up, wd 0.1)."""
-  sched = optax.warmup_cosine_decay_schedule(0.0, scfg.lr, min(scfg.warmup_steps, total_steps - 1),
-                                             max(total_steps, 1))
+  sched = optax.warmup_cosine_decay_schedule(0.0, scfg.lr, min(scfg.warmup_steps, total_steps - 1), max(total_steps, 1))
   return optax.chain(optax.clip_by_global_norm(scfg.grad_clip), optax.adamw(sched, weight_decay=scfg.weight_decay))

@@ -1,9 +1,10 @@
 """`experiments/train.py` -> `run(config)`: set up the mesh, data and policy, then run the config's stage.
 
-  sft:  CoT-SFT on the first `sft.num_examples` training examples; writes workdir/hf (an HF folder)
-  rl:   GRPO / EKIPL (config.rl.selection) from model.init_from; writes workdir/hf and eval results
-  eval: evaluate model.init_from on data.eval_splits
+sft:  CoT-SFT on the first `sft.num_examples` training examples; writes workdir/hf (an HF folder)
+rl:   GRPO / EKIPL (config.rl.selection) from model.init_from; writes workdir/hf and eval results
+eval: evaluate model.init_from on data.eval_splits
 """
+
 from __future__ import annotations
 
 import json
@@ -46,9 +47,11 @@ def rules_from_config(overrides) -> sharding.Rules:
 def start_distributed(mcfg) -> None:
   """Multi-host start-up (config mesh.distributed): the config's coordinator / process count / index where given,
   the rest detected by JAX (TPU pod metadata, SLURM, Open MPI, JAX_COORDINATOR_ADDRESS); a no-op on one process."""
-  sharding.init_distributed(coordinator_address=mcfg.coordinator_address or None,
-                            num_processes=mcfg.num_processes or None,
-                            process_id=None if mcfg.process_id < 0 else mcfg.process_id)
+  sharding.init_distributed(
+      coordinator_address=mcfg.coordinator_address or None,
+      num_processes=mcfg.num_processes or None,
+      process_id=None if mcfg.process_id < 0 else mcfg.process_id,
+  )
   if mcfg.num_processes and jax.process_count() != mcfg.num_processes:
     raise ValueError(f"config key mesh.num_processes: {mcfg.num_processes}, but JAX runs {jax.process_count()}")
 
@@ -69,8 +72,12 @@ def setup(cfg):
   if not init_from:
     if not cfg.model.arch:
       raise ValueError("config keys model.init_from / model.arch: give a checkpoint folder or an architecture")
-    init_from = process_0_first("scratch_policy", lambda: policy.make_scratch_checkpoint(
-        cfg.model, cfg.data, corpus(builder, cfg), os.path.join(cfg.workdir, "init"), cfg.seed))
+    init_from = process_0_first(
+        "scratch_policy",
+        lambda: policy.make_scratch_checkpoint(
+            cfg.model, cfg.data, corpus(builder, cfg), os.path.join(cfg.workdir, "init"), cfg.seed
+        ),
+    )
   model, params, proc = policy.load(cfg.model, cfg.data, init_from, mesh, rules)
   return mesh, builder, init_from, model, params, proc
 
@@ -83,15 +90,24 @@ def make_eval_fn(cfg, model, proc, builder, workdir: str):
     params = state_or_params.params if isinstance(state_or_params, update.TrainState) else state_or_params
     out = {}
     for split, examples in sets.items():
-      m, preds = eval_lib.evaluate(model, params, proc, examples, scorer=eval_lib.scorer_for(cfg.data, split),
-                                   ecfg=cfg.eval, prompt_buckets=cfg.data.prompt_buckets, templates=templates,
-                                   rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step))
+      m, preds = eval_lib.evaluate(
+          model,
+          params,
+          proc,
+          examples,
+          scorer=eval_lib.scorer_for(cfg.data, split),
+          ecfg=cfg.eval,
+          prompt_buckets=cfg.data.prompt_buckets,
+          templates=templates,
+          rng=jax.random.fold_in(jax.random.key(cfg.seed + 1), step),
+      )
       out.update({f"eval/{split}/{k}": v for k, v in m.items()})
       if jax.process_index() == 0:
         os.makedirs(os.path.join(workdir, "predictions"), exist_ok=True)
         with open(os.path.join(workdir, "predictions", f"{split}_step{step}.json"), "w") as f:
           json.dump(preds, f, indent=1)
     return out
+
   return eval_fn
 
 
@@ -101,8 +117,9 @@ def state_sharding(params, optimizer, mesh) -> update.TrainState:
   replicated = NamedSharding(mesh, PartitionSpec())
   abstract = jax.eval_shape(lambda p: update.init_state(p, optimizer), params)
   params_sharding = jax.tree.map(lambda x: x.sharding, params)
-  opt_sharding = optax.tree_map_params(optimizer, lambda _, s: s, abstract.opt_state, params_sharding,
-                                       transform_non_params=lambda _: replicated)
+  opt_sharding = optax.tree_map_params(
+      optimizer, lambda _, s: s, abstract.opt_state, params_sharding, transform_non_params=lambda _: replicated
+  )
   return update.TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, skipped_steps=replicated)
 
 
@@ -137,17 +154,32 @@ def run_rl(cfg, model, params, proc, builder, mesh):
     store = aux_store.open_store(cfg.aux.store, refuse_ids=eval_ids)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   shardings = state_sharding(params, optimizer, mesh)
-  ctx = rl.RLContext(cfg=cfg, model=model, proc=proc, train_src=src, store=store, mesh=mesh,
-                     train_step=rl.build_step(model, cfg, optimizer, shardings),
-                     ref_params=params if cfg.rl.beta != 0 else None)
+  ctx = rl.RLContext(
+      cfg=cfg,
+      model=model,
+      proc=proc,
+      train_src=src,
+      store=store,
+      mesh=mesh,
+      train_step=rl.build_step(model, cfg, optimizer, shardings),
+      ref_params=params if cfg.rl.beta != 0 else None,
+  )
   # The reference keeps its own copy: the train state's params are donated to the update step.
   if ctx.ref_params is not None:
     ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
   state = init_state(params, optimizer, shardings)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
-  state, lines = loop.run_loop("rl", cfg, cfg.workdir, state, cfg.rl.steps,
-                               lambda s, i: rl.rl_step(ctx, s, i), eval_fn, cfg.eval.every,
-                               text_fn=lambda: {"group_of_first_prompt": ctx.last_group_text})
+  state, lines = loop.run_loop(
+      "rl",
+      cfg,
+      cfg.workdir,
+      state,
+      cfg.rl.steps,
+      lambda s, i: rl.rl_step(ctx, s, i),
+      eval_fn,
+      cfg.eval.every,
+      text_fn=lambda: {"group_of_first_prompt": ctx.last_group_text},
+  )
   return state.params, lines
 
 
