@@ -8,10 +8,15 @@
           grpo   stage 2, plain GRPO (policy samples only), from the stage-1 output runs/MODEL_TASK_sft/hf
           ekipl  stage 2, Vision-EKIPL: the pool adds K stored responses of each external model, top G kept
 
-e.g. `--config configs/paper.py:qwen2_vl_2b,counting,ekipl`. The values follow Reason-RFT (METHOD.md sect. 4):
-G = 8, max completion 512, prompt up to 4096 tokens, lr 1e-6, beta 0.04 (k3), temperature 0.9, top_p 0.9,
-top_k 50, bf16 compute, max_pixels 480000, 1 epoch (counting, spatial) or 5 (structure). Where the code or the
-hardware forces a difference it is said next to the field.
+e.g. `--config configs/paper.py:qwen2_vl_2b,counting,ekipl`. Reason-RFT's settings (docs/METHOD.md sect. 5: G = 8,
+max completion 512, prompts up to 4096 tokens, lr 1e-6, beta 0.04 with k3, sampling temperature 0.9 / top_p 0.9 /
+top_k 50, evaluation at temperature 0.1 with 768 new tokens, max_pixels 480000, SFT on 1.6k examples at lr 1e-5) are
+the defaults of configs/base.py and ekipl_jax/rl/config.py; this file sets only what differs from them: the model,
+task and method, bf16 compute, rematerialisation, the FSDP mesh, the data files, 16 prompts per step, the number of
+steps, and the external models. Where the code or the hardware forces a difference from Reason-RFT it is said next
+to the field: 16 prompts per step instead of 14; a constant learning rate where the HF Trainer decays linearly to 0
+(ekipl_jax has constant | cosine); fp32 master weights with bf16 compute (an AdamW step of lr 1e-6 is below bf16
+resolution; DeepSpeed bf16 keeps fp32 masters too).
 
 Paths are relative placeholders: pass your own with --config.model.init_from, --config.data.manual_dir,
 --config.aux.store, --config.workdir. The mesh uses every device as one FSDP axis; see docs/GUIDE.md for what is
@@ -43,7 +48,7 @@ EVAL_SPLITS = {
     "structure": ("test_id", "test_ood"),  # GeoMath, Geometry3K
     "spatial": ("test_id", "test_ood_left", "test_ood_right"),
 }  # TRANCE, TRANCE-left, TRANCE-right
-EXTERNAL_MODELS = ("gpt-4o", "gemini-1.5-pro")  # M = 2 external models (a review of the paper; see METHOD.md sect. 2)
+EXTERNAL_MODELS = ("gpt-4o", "gemini-1.5-pro")  # M = 2 external models (docs/METHOD.md sect. 2)
 BATCH_PROMPTS = 16
 CHECKPOINTS = "checkpoints"  # downloaded HF folders: checkpoints/Qwen2-VL-2B-Instruct, ...
 RUNS = "runs"  # workdirs: runs/MODEL_TASK_METHOD
@@ -78,48 +83,28 @@ def get_config(arg: str = "qwen2_vl_2b,counting,ekipl") -> ml_collections.Config
   c.workdir = f"{RUNS}/{c.name}"  # checkpoints, metrics.jsonl, TensorBoard, hf/ (pods: a
   # path every host sees, e.g. a gcsfuse mount)
   c.stage = "sft" if method == "sft" else "rl"  # sft: Reason-RFT stage 1; rl: stage 2 (GRPO / EKIPL)
-  c.seed = 0  # data order and sampling derive from (seed, step)
 
   # Policy. Stage 1 starts from the downloaded Instruct model (`huggingface-cli download REPO --local-dir ...`),
-  # stage 2 from stage 1's exported HF folder.
+  # stage 2 from stage 1's exported HF folder. Master weights stay float32 (base.py) under bf16 compute.
   c.model.init_from = (
       f"{CHECKPOINTS}/{hf_repo.split('/')[1]}" if method == "sft" else f"{RUNS}/{model}_{task}_sft/hf"
   )  # local HF folder (weights + processor files)
   c.model.family = family  # qwen2_vl | qwen2_5_vl (read from config.json anyway)
-  c.model.param_dtype = "float32"  # fp32 master weights: an AdamW step of lr 1e-6 is below
-  # bf16 resolution (DeepSpeed bf16 keeps fp32 masters too)
   c.model.compute_dtype = "bfloat16"  # Reason-RFT: --bf16
   c.model.remat = True  # recompute each decoder layer in the backward pass
   # (prompts up to 4096 + 512 completion tokens)
-  c.model.logprob_chunk = 256  # tokens per log-prob chunk (no [B, T, V] logits)
 
   # Mesh: every device on the fsdp axis (parameters split along their embed dim, batch rows over all devices).
   # Use (D, -1, 1) to keep D data-parallel replicas of FSDP groups, (1, -1, T) for T-way tensor parallelism.
   c.mesh.shape = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
-  c.mesh.rules = ()  # default logical-axis rules (ekipl_jax/sharding.py)
   c.mesh.distributed = True  # jax.distributed start-up on a multi-host slice (a
   # no-op on one process; docs/GUIDE.md)
 
   # Data: the local Reason-RFT-CoT-Dataset copy, one TFDS builder config per task.
-  c.data.builder = "reason_rft_cot"  # TFDS builder
   c.data.builder_config = task  # counting | structure | spatial
   c.data.manual_dir = REASON_RFT_DIR  # the downloaded dataset folder
-  c.data.data_dir = "~/tensorflow_datasets"  # where TFDS writes the prepared arrays (per host)
   c.data.task = task  # prompt template and reward dispatch
-  c.data.train_split = "train"  # training split (RL reads all of it, see rl.steps)
   c.data.eval_splits = EVAL_SPLITS[task]  # the task's ID and OOD test splits
-  c.data.eval_scorer = ""  # "" = the Reason-RFT scorer of each split
-  c.data.max_pixels = 480000  # Reason-RFT RL: --max_pixels 480000
-  c.data.prompt_buckets = (256, 512, 1024, 2048, 4096)  # left-padded prompt lengths; prompts up to 4096 tokens
-
-  # Stage 1: CoT-SFT (Reason-RFT stage_sft scripts: 8 GPUs x 1 x grad-accum 2 = 16 per step, 1 epoch).
-  c.sft.num_examples = 1600  # the first 1.6k training examples
-  c.sft.steps = 0  # 0 = one epoch over num_examples (100 steps)
-  c.sft.batch_size = 16  # examples per optimizer step
-  c.sft.lr = 1e-5  # peak lr, cosine decay
-  c.sft.warmup_steps = 100  # linear warm-up
-  c.sft.weight_decay = 0.1  # AdamW weight decay
-  c.sft.max_completion = 1024  # completion tokens kept (CoT + answer + EOS)
 
   # Stage 2: GRPO / EKIPL.
   c.rl.batch_prompts = BATCH_PROMPTS  # prompts per step. Reason-RFT: 7 GPUs x 1 x grad-accum 2
@@ -129,44 +114,11 @@ def get_config(arg: str = "qwen2_vl_2b,counting,ekipl") -> ml_collections.Config
   c.rl.steps = rl_steps(task)  # EPOCHS x TRAIN_SIZES / batch_prompts (counting 2188,
   # structure 1407, spatial 3750). The trainer draws from
   # the whole train split, the SFT examples included
-  c.rl.group_size = 8  # G rows per prompt in the update (Reason-RFT: 8)
-  c.rl.num_policy_samples = 8  # N policy samples per prompt
-  c.rl.num_external_per_model = 1  # K stored responses per external model (EKIPL)
   c.rl.selection = "ekipl" if method == "ekipl" else "none"  # ekipl: top G of the pool | none: GRPO
-  c.rl.external_treatment = "paper"  # external tokens: the old policy's own probability
-  c.rl.beta = 0.04  # k3 KL to the frozen reference (TRL / Reason-RFT)
-  c.rl.kl_estimator = "k3"  # exp(ref - logp) - (ref - logp) - 1
-  c.rl.eps_low = 0.2  # clip rho below at 1 - eps (inactive: mu = 1, rho == 1)
-  c.rl.eps_high = 0.2  # clip rho above at 1 + eps
-  c.rl.aggregation = "seq_mean_token_mean"  # per-sequence token mean, then mean (TRL GRPO then)
-  c.rl.adv_eps = 1e-4  # A = (r - mean) / (std + 1e-4)
-  c.rl.mu = 1  # one update per batch of samples
-  c.rl.optimizer.lr = 1e-6  # Reason-RFT / TRL GRPO learning rate
-  c.rl.optimizer.schedule = "constant"  # HF Trainer's default decays linearly to 0; ekipl_jax
-  # has constant | cosine, so constant after warm-up
-  c.rl.optimizer.warmup_steps = 0  # HF default: no warm-up
   c.rl.optimizer.total_steps = c.rl.steps  # length of a 'cosine' schedule, if switched to it
-  c.rl.optimizer.weight_decay = 0.0  # HF default
-  c.rl.optimizer.grad_clip = 1.0  # HF default max_grad_norm
-  c.rl.sampling.max_new_tokens = 512  # max completion length
-  c.rl.sampling.temperature = 0.9  # Reason-RFT: 0.9
-  c.rl.sampling.top_p = 0.9  # Reason-RFT (vLLM SamplingParams): 0.9
-  c.rl.sampling.top_k = 50  # Reason-RFT (vLLM SamplingParams): 50
-  c.rl.rewards = (("accuracy", 1.0), ("format", 1.0))  # Reason-RFT: accuracy + format, weight 1 each
+  # (the default 'constant': HF Trainer decays linearly to 0, ekipl_jax has constant | cosine)
 
   # External responses (EKIPL only): precomputed per training id by experiments/precompute_aux.py.
   c.aux.store = f"{AUX_STORES}/{task}" if method == "ekipl" else ""  # store folder ("" for GRPO / SFT)
   c.aux.sources = EXTERNAL_MODELS if method == "ekipl" else ()  # source names in the store, ids 1..M
-  c.aux.behaviour_tokenizer = ""  # API models give no token log-probs of our tokenizer
-
-  # Evaluation (Reason-RFT: temperature 0.1, top_p 0.9, top_k 50, 768 new tokens).
-  c.eval.every = 100  # RL steps between evaluations (plus one at the end)
-  c.eval.num_examples = 0  # 0 = every test example
-  c.eval.batch_size = 32  # prompts per generation batch
-  c.eval.max_new_tokens = 768  # Reason-RFT evaluation budget
-  c.eval.pass_k = 1  # 1 sample per question: plain accuracy
-
-  c.checkpoint.every = 100  # Reason-RFT: --save_steps 100
-  c.checkpoint.keep = 2  # orbax checkpoints kept
-  c.log_every = 1  # Reason-RFT: --logging_steps 1
   return c

@@ -1,6 +1,7 @@
 """Experiment configs: every paper / ablation variant loads, sets only fields configs/base.py defines (with the same
-types), carries Reason-RFT's values (METHOD.md sect. 4), and the trainer's command line rejects unknown keys."""
+types), carries Reason-RFT's values (docs/METHOD.md sect. 5), and the trainer's command line rejects unknown keys."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -71,6 +72,34 @@ def test_paper_values_follow_reason_rft():
   assert (s.sft.num_examples, s.sft.lr, s.sft.warmup_steps, s.sft.weight_decay) == (1600, 1e-5, 100, 0.1)
   assert s.model.init_from.endswith("Qwen2.5-VL-3B-Instruct") and s.model.family == "qwen2_5_vl"
   assert paper.get_config("qwen2_5_vl_3b,structure,ekipl").model.init_from == "runs/qwen2_5_vl_3b_structure_sft/hf"
+
+
+def _assigned_fields(path: str, func: str = "get_config") -> list[str]:
+  """Dotted config fields (`c.rl.steps` -> "rl.steps") that `func` in the file at `path` assigns."""
+  tree = ast.parse(open(path).read())
+  body = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == func)
+  out = []
+  for node in ast.walk(body):
+    for target in node.targets if isinstance(node, ast.Assign) else ():
+      for t in target.elts if isinstance(target, ast.Tuple) else (target,):
+        parts = []
+        while isinstance(t, ast.Attribute):
+          parts.insert(0, t.attr)
+          t = t.value
+        if isinstance(t, ast.Name) and t.id == "c" and parts:
+          out.append(".".join(parts))
+  return out
+
+
+def test_paper_sets_only_what_differs_from_base():
+  """configs/paper.py restates no value of configs/base.py: every field it sets differs from base in some variant."""
+  fields = _assigned_fields(os.path.join(ROOT, "configs", "paper.py"))
+  assert "rl.steps" in fields and "model.compute_dtype" in fields  # the parse found the assignments
+  b = base.get_config()
+  configs = [paper.get_config(arg) for arg in paper.VARIANTS]
+  get = lambda c, f: c[f.split(".")[0]] if "." not in f else get(c[f.split(".")[0]], f.split(".", 1)[1])
+  restated = [f for f in fields if all(get(c, f) == get(b, f) for c in configs)]
+  assert not restated, f"configs/paper.py sets these to configs/base.py's value in every variant: {restated}"
 
 
 def test_ablation_knobs():
