@@ -5,10 +5,15 @@ Every rule follows tanhuajie/Reason-RFT: training rules from `train/stage_rl/rew
 `eval/cal_score_benchmarks_for_open_source.py` (`get_score_clevr`, `get_score_geomath`, `get_score_geometry3k`,
 `get_score_trance`). Values are floats in [0, 1]; the x100 happens in the results table.
 
-Regex flags matter and differ between the scripts (where METHOD.md is silent or looser, the source wins):
-  - training `<answer>` search (accuracy and TRANCE) is WITHOUT re.DOTALL: an answer spanning lines is "no tag",
-    so the whole completion is used (accuracy then falls back to math_verify; TRANCE then also sees <think>).
-  - format uses re.DOTALL; evaluation CLEVR/GeoMath/Geometry3K use re.DOTALL; evaluation TRANCE does not.
+The training rules follow train/stage_rl/reward.py at Reason-RFT commit d0a8070ee441774b94618349018c7d8dafb007c9
+(2025-10-05, the newest we read); its training `<answer>` search has had re.DOTALL since commit 958a57d
+"Fix the regex extraction issue. (#32)" (2025-05-07). Regex flags differ between the scripts (the source wins):
+  - training `<answer>` search (accuracy, counting/structure, TRANCE) and the solution's: WITH re.DOTALL, so
+    "<answer>\nN\n</answer>" is found and the answer is "N"; only a completion without a closed tag falls back
+    to the whole text (accuracy: math_verify of the whole completion; TRANCE: triples of the whole completion).
+    (Reason-RFT before #32, and this module before, searched without DOTALL; that rule is not kept.)
+  - format uses re.DOTALL; evaluation CLEVR/GeoMath/Geometry3K use re.DOTALL; evaluation TRANCE does not
+    (eval/cal_score_benchmarks_for_open_source.py, unchanged by #32).
 
 Pure Python (numpy only for the batch arrays). math_verify runs only on fallback paths.
 """
@@ -25,8 +30,9 @@ from math_verify import parse, verify
 RewardFn = Callable[[str, Mapping], float]
 
 _FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)  # reward.py format_reward
-_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")  # reward.py and eval TRANCE: no DOTALL
-_ANSWER_DOTALL_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # eval get_score_clevr / geomath / geometry3k
+_TRAIN_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # reward.py since #32: DOTALL
+_EVAL_TRANCE_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>")  # eval get_score_trance: no DOTALL
+_EVAL_ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)  # eval get_score_clevr/geomath/geometry3k
 _TRIPLE_RE = re.compile(r"(\w+)\((\w+),\s*'?(\w+)'?\)")  # func(object_id, value), value optionally quoted
 
 Triple = tuple[str, str, str]
@@ -63,13 +69,13 @@ def format_reward(completion: str) -> float:
 
 
 def accuracy_reward(completion: str, solution: str) -> float:
-  """Exact match of stripped answers; math_verify only if that fails and no (single-line) tag matched.
+  """Exact match of the stripped <answer> contents (DOTALL); math_verify only if that fails and no tag matched.
 
   reward.py accuracy_reward: note the fallback verifies the WHOLE completion against the WHOLE solution.
   """
   try:
-    ground_truth, _ = _answer_or_whole(solution, _ANSWER_RE)
-    student_answer, has_tag = _answer_or_whole(completion, _ANSWER_RE)
+    ground_truth, _ = _answer_or_whole(solution, _TRAIN_ANSWER_RE)
+    student_answer, has_tag = _answer_or_whole(completion, _TRAIN_ANSWER_RE)
     if student_answer == ground_truth:
       return 1.0
     if not has_tag and _math_verify(completion, solution):
@@ -132,7 +138,7 @@ def trance_reward(completion: str, solution: str, partial: bool = False) -> floa
   The solution's triples are read from the whole solution string, tags or not.
   """
   try:
-    content, _ = _answer_or_whole(completion, _ANSWER_RE)
+    content, _ = _answer_or_whole(completion, _TRAIN_ANSWER_RE)
     pred, n_pred = _extract_triples(content)
     sol, n_sol = _extract_triples(solution)
     if n_pred == 0 or n_sol == 0:
@@ -154,7 +160,7 @@ TRANCE_SPLITS = ("trance", "trance-left", "trance-right")
 def _score_math(completion: str, answer: str) -> float:
   """get_score_clevr == get_score_geomath == get_score_geometry3k (enhance=False): DOTALL tag, then math_verify."""
   try:
-    m = _ANSWER_DOTALL_RE.search(completion)
+    m = _EVAL_ANSWER_RE.search(completion)
     if m:
       pred = m.group(1).strip()
       if answer == pred:  # the source does not strip the answer on this path
@@ -171,7 +177,7 @@ def _score_math(completion: str, answer: str) -> float:
 def _score_trance(completion: str, answer: str) -> float:
   """get_score_trance: partial credit, item = 1 / max(#unique pred, #unique sol), no repeat penalty, no DOTALL."""
   try:
-    content, _ = _answer_or_whole(completion, _ANSWER_RE)
+    content, _ = _answer_or_whole(completion, _EVAL_TRANCE_ANSWER_RE)
     pred, _ = _extract_triples(content)
     sol, _ = _extract_triples(answer)
     if not sol or not pred:

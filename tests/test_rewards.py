@@ -61,12 +61,25 @@ def test_accuracy_reward(completion, solution, expected):
   assert accuracy_reward(completion, solution) == expected
 
 
-def test_accuracy_multiline_answer_is_no_tag_in_training():
-  # reward.py searches <answer>(.*?)</answer> WITHOUT DOTALL, so "<answer>\n3.0\n</answer>" is "no tag":
-  # the whole completion != "3", then math_verify(whole completion, "3") finds 3.0 == 3 -> 1.
-  # (With DOTALL it would have been "3.0" != "3" and no fallback -> 0.)
-  assert accuracy_reward("<think>count them</think>\n<answer>\n3.0\n</answer>", "3") == 1.0
+def test_accuracy_multiline_answer_is_found_in_training():
+  # reward.py (Reason-RFT since #32) searches <answer>(.*?)</answer> WITH DOTALL: "<answer>\n3\n</answer>" -> "3".
+  assert accuracy_reward("<think>count them</think>\n<answer>\n3\n</answer>", "3") == 1.0
   assert accuracy_reward("<think>count them</think>\n<answer>\n4\n</answer>", "3") == 0.0
+  # The tag is found, so there is no math_verify fallback: "3.0" != "3" -> 0 (before #32: no tag, whole text -> 1).
+  assert accuracy_reward("<think>count them</think>\n<answer>\n3.0\n</answer>", "3") == 0.0
+  # The solution's tag is searched with DOTALL too: "<answer>\n 3 \n</answer>" -> "3".
+  assert accuracy_reward("<answer>3</answer>", "<answer>\n 3 \n</answer>") == 1.0
+
+
+def test_accuracy_answer_in_think_does_not_count():
+  # The chain of thought says 3, the answer tag says 4; gold 3. Tag found -> "4" != "3", no fallback -> 0.
+  # (Without DOTALL the tag was missed and math_verify read the whole completion, think included.)
+  assert accuracy_reward("<think>\nSo the answer is 3.\n</think>\n<answer>\n4\n</answer>", "3") == 0.0
+  assert accuracy_reward("<think>\nSo the answer is 4.\n</think>\n<answer>\n3\n</answer>", "3") == 1.0
+  # re.search takes the FIRST <answer> block, wherever it is: one written inside <think> wins (Reason-RFT's rule).
+  draft = "<think>\ndraft <answer>\n4\n</answer>\n</think>\n<answer>\n3\n</answer>"
+  assert accuracy_reward(draft, "3") == 0.0
+  assert accuracy_reward(draft, "4") == 1.0
 
 
 def test_accuracy_anything_raising_is_zero():
@@ -140,13 +153,19 @@ def test_trance_greedy_follows_first_appearance():
   assert trance_reward(c, sol, partial=True) == 0.5
 
 
-def test_trance_multiline_answer_in_training_reads_whole_text():
-  # No DOTALL: the tag spanning lines is not found, so the whole completion is searched, <think> included.
-  # Triples: (change_color, A, blue) from think, (change_color, A, red), (change_size, B, large): 3 unique of 3.
-  # item = 1 / max(3, 2) = 1/3; 2 exact -> 2/3 (partial: blue has no sol partner left -> still 2/3).
+def test_trance_triples_in_think_do_not_count_in_training():
+  # DOTALL (Reason-RFT since #32): the multi-line tag is found, so only its two triples are read; the think's
+  # (change_color, A, blue) is ignored. 2 unique of 2, item = 1/2, 2 exact -> 1.0 (full and partial).
   c = "<think>maybe change_color(A, blue)</think>\n<answer>\nchange_color(A, red)\nchange_size(B, large)\n</answer>"
-  assert trance_reward(c, SOL2) == pytest.approx(2 / 3, **EXACT)
-  assert trance_reward(c, SOL2, partial=True) == pytest.approx(2 / 3, **EXACT)
+  assert trance_reward(c, SOL2) == 1.0
+  assert trance_reward(c, SOL2, partial=True) == 1.0
+  # Evaluation's get_score_trance has no DOTALL: the tag is missed and the whole text is read, think included:
+  # 3 unique triples, item = 1 / max(3, 2) = 1/3, 2 exact -> 2/3 (blue has no solution partner left).
+  assert score("trance", c, SOL2) == pytest.approx(2 / 3, **EXACT)
+  # Half the answer in the think, half in the tag: only the tag's triple is a prediction, item 1 / max(1, 2) -> 0.5.
+  # (Before #32 the multi-line tag was missed and both triples counted: 1.0.)
+  c2 = "<think>\nchange_color(A, red)?\n</think>\n<answer>\nchange_size(B, large)\n</answer>"
+  assert trance_reward(c2, SOL2) == 0.5
   # On one line the tag is found and the think text is ignored: 1.0
   c1 = "<think>maybe change_color(A, blue)</think>\n<answer>change_color(A, red), change_size(B, large)</answer>"
   assert trance_reward(c1, SOL2) == 1.0
