@@ -6,7 +6,8 @@ setuptools.setup(
     name="ekipl_jax",
     version="0.1.0",
     description="Vision-EKIPL: RL of vision-language models with external knowledge, in JAX",
-    packages=setuptools.find_packages(include=["ekipl_jax", "ekipl_jax.*"]),
+    # configs/ is installed too, so `from configs import base` (in configs/*.py, experiments/) needs no sys.path edit.
+    packages=setuptools.find_packages(include=["ekipl_jax", "ekipl_jax.*", "configs"]),
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2",

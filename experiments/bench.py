@@ -18,11 +18,9 @@ import platform
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_sampler  # noqa: E402
-import bench_tunix  # noqa: E402
-import bench_update  # noqa: E402
+import bench_sampler  # experiments/, the script's own folder, is first on sys.path
+import bench_tunix
+import bench_update
 
 GiB = 2**30
 

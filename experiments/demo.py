@@ -16,9 +16,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 _OUT = flags.DEFINE_string("out", "results", "output folder")
 _SEEDS = flags.DEFINE_string("seeds", "0,1", "comma-separated RL seeds (each runs both arms)")

@@ -28,13 +28,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import app
+from absl import flags
+from ml_collections import config_flags
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from configs import base  # noqa: E402
+from configs import base
 
 SOURCES = ("cot", "solver", "checkpoint", "openai")
 

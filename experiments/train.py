@@ -5,15 +5,10 @@ resumes from the latest checkpoint. An unknown `--config.key` is an error (ml_co
 Several hosts: the same command on each, with `--config.mesh.distributed=True` (docs/GUIDE.md section 3).
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from absl import app  # noqa: E402
-from absl import logging  # noqa: E402
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app
+from absl import logging
+from absl import flags
+from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (configs/*.py)", lock_config=True)
 
