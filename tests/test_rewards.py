@@ -1,4 +1,4 @@
-"""Rewards and scorers against hand-computed values from the Reason-RFT rules (METHOD.md section 4 + its scripts).
+"""Rewards and scorers against hand-computed values from the Reason-RFT rules (docs/METHOD.md sect. 5.3, 5.4).
 
 Every expected number below is worked out by hand from the published rule; the arithmetic is in the comment.
 """

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 from transformers import AutoImageProcessor, AutoTokenizer
 
-# Reason-RFT user prompts (METHOD.md section 4). `{Question}` is replaced by the record's problem.
+# Reason-RFT user prompts (docs/METHOD.md sect. 5.2). `{Question}` is replaced by the record's problem.
 PROMPT_TEMPLATES: dict[str, str] = {
     "counting": "{Question} Output the thinking process in <think> </think> and final answer (number) in "
     "<answer> </answer> tags.",
