@@ -1,4 +1,4 @@
-"""The GRPO loss against an independent numpy transcription of METHOD.md sect. 1-3, and its gradient per token."""
+"""The GRPO loss against an independent numpy transcription of docs/METHOD.md sect. 1-4, and its gradient per token."""
 
 import itertools
 

@@ -1,4 +1,4 @@
-"""The GRPO / Vision-EKIPL objective (METHOD.md sect. 1-3), per completion token t of row i:
+"""The GRPO / Vision-EKIPL objective (docs/METHOD.md sect. 1-4), per completion token t of row i:
 
   rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | q, o_i,<t)             = exp(logp - old_logp)
   J_it   = min( rho_it A_i , clip(rho_it, 1 - eps_low, 1 + eps_high) A_i )   (DAPO clip-higher)
