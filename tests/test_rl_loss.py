@@ -55,6 +55,9 @@ def np_loss(d, cfg):
   elif cfg.external_treatment == "importance":
     use = ext & d["has_beh"][:, None]
     J = np.where(use, np.minimum(np.exp(logp - d["beh"]), cfg.is_max) * A, J)
+  elif cfg.external_treatment == "importance_tis":
+    use = ext & d["has_beh"][:, None]
+    J = np.where(use, np.minimum(np.exp(old - d["beh"]), cfg.is_max) * J, J)
   elif cfg.external_treatment == "rlplus":
     w = (p_old + 1) / 2
     J = np.where(ext, 2 * p / (p_old + w) * A * np.sqrt(1 - p), J)
@@ -169,3 +172,35 @@ def test_aux_clip_fractions_and_ratios():
   np.testing.assert_allclose(m["rho_min/external"], rho[msk & d["ext"][:, None]].min(), rtol=1e-6)
   np.testing.assert_allclose(m["rho_mean/policy"], rho[pol].mean(), rtol=1e-6)
   np.testing.assert_allclose(m["entropy"], d["ent"][msk].mean(), rtol=1e-6)
+
+
+def _one_token(logp, old, beh, A, treatment):
+  """One external token with behaviour log-probs: (loss, d loss / d logp) from grpo_loss (token_mean, beta 0)."""
+  cfg = _cfg(beta=0.0, aggregation="token_mean", external_treatment=treatment, is_max=2.0)
+  f32 = lambda x: jnp.full((1, 1), x, jnp.float32)
+
+  def f(lp):
+    s, d, _ = loss.grpo_loss(
+        lp, f32(old), None, jnp.array([A], jnp.float32), f32(1.0), jnp.array([True]), f32(beh), cfg
+    )
+    return s / d
+
+  value, grad = jax.value_and_grad(f)(f32(logp))
+  return float(value), float(grad[0, 0])
+
+
+def test_importance_tis_capped_token_keeps_its_gradient():
+  """pi_theta = 0.55, pi_old = 0.5, pi_behaviour = 0.1, A = 1, C = 2 (by hand):
+  'importance_tis' (TRL): w = min(0.5 / 0.1, 2) = 2, rho = 1.1 (inside the clip): J = w rho A = 2.2, dJ/dlogp = 2.2;
+  'importance' (truncated ratio): min(0.55 / 0.1, 2) A = 2, constant above the cap: gradient 0."""
+  lp, old, beh = np.log(0.55), np.log(0.5), np.log(0.1)
+  value, grad = _one_token(lp, old, beh, 1.0, "importance_tis")
+  assert value == pytest.approx(-2.2, rel=1e-5) and grad == pytest.approx(-2.2, rel=1e-5)
+  value, grad = _one_token(lp, old, beh, 1.0, "importance")
+  assert value == pytest.approx(-2.0, rel=1e-6) and grad == 0.0
+  # Below the cap (pi_behaviour = 0.4): w = 1.25; A = -1: J = w * min(rho A, clip(rho) A) = 1.25 * -1.1.
+  value, grad = _one_token(lp, old, np.log(0.4), -1.0, "importance_tis")
+  assert value == pytest.approx(1.25 * 1.1, rel=1e-5) and grad == pytest.approx(1.25 * 1.1, rel=1e-5)
+  # Outside the clip (rho = 1.3 > 1 + eps_high, A > 0) the PPO term is constant: no gradient, as without weight.
+  value, grad = _one_token(np.log(0.65), old, beh, 1.0, "importance_tis")
+  assert value == pytest.approx(-2.0 * 1.2, rel=1e-5) and grad == 0.0

@@ -58,3 +58,31 @@ def test_real_policy_step_on_mesh_matches_one_device():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), p8, p1)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: np.abs(a - b).max(), p1, before))
   assert max(moved) > 0
+
+
+def test_logprob_temperature_switch():
+  """rl.logprob_temperature: None -> the sampling temperature, 1.0 -> Reason-RFT's; checked against
+  log_softmax(logits / T) of the model's full forward pass at the completion tokens."""
+  from ml_collections import ConfigDict
+
+  from ekipl_jax.rl import config
+  from ekipl_jax.train import batching
+  from ekipl_jax.train import rl as train_rl
+
+  model, params = models.init(tiny_config_dict("qwen2_vl"), jax.random.key(1), dtype=jnp.float32, with_vision=False)
+  ids = np.random.default_rng(0).integers(3, TEXT_VOCAB, (2, P + C)).astype(np.int32)
+  ones = np.ones_like(ids)
+  batch = batching.rows_batch(model, ids[:, :P], ones[:, :P], ids[:, P:], ones[:, P:])
+  logits = model.apply(params, jnp.asarray(ids), jnp.asarray(ones))[:, P - 1 : -1]
+
+  def expected(T):
+    return np.take_along_axis(np.asarray(jax.nn.log_softmax(logits / T)), ids[:, P:, None], -1)[..., 0]
+
+  rcfg = config.default()
+  rcfg.sampling = ConfigDict(dict(temperature=0.7))
+  for setting, T in ((None, 0.7), (1.0, 1.0)):
+    rcfg.logprob_temperature = setting
+    assert train_rl.logprob_temperature(rcfg) == T
+    logp = train_rl.make_logprob_fn(model, P, 4, train_rl.logprob_temperature(rcfg))(params, batch)[0]
+    np.testing.assert_allclose(np.asarray(logp), expected(T), rtol=1e-5, atol=1e-5)
+  assert np.abs(expected(1.0) - expected(0.7)).max() > 1e-3

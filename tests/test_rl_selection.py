@@ -96,3 +96,18 @@ def test_advantages_variants_vs_numpy():
       ((rg - pol.mean(1, keepdims=True)) / (pol.std(1, ddof=1, keepdims=True) + 1e-4)).ravel(),
       rtol=1e-5,
   )
+
+
+def test_advantages_policy_stats_luffy_zero_std_and_single_row():
+  """adv_stats_from='policy' follows LUFFY's grpo_split (by hand, eps = 1e-4):
+  group 0: policy rewards [0, 0] (std 0 -> 1), external 2: A = [0, 0, 2] / (1 + eps) (was 2 / eps = 20000);
+  group 1: one policy row (reward 1): mean 0, std 1, external [2, 0]: A = [1, 2, 0] / (1 + eps)."""
+  r = [0, 0, 2, 1, 2, 0]
+  A = advantages.compute(r, [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 2], _cfg(adv_stats_from="policy"))
+  np.testing.assert_allclose(A, np.array([0, 0, 2, 1, 2, 0]) / (1 + 1e-4), rtol=1e-6)
+  # 'batch': the policy rows' std over the batch (rewards 0, 0, 1: unbiased std 1/sqrt(3)), means per group as above.
+  A = advantages.compute(r, [0, 0, 0, 1, 1, 1], [0, 0, 1, 0, 1, 2], _cfg(adv_stats_from="policy", adv_std="batch"))
+  np.testing.assert_allclose(A, np.array([0, 0, 2, 1, 2, 0]) / (np.sqrt(1 / 3) + 1e-4), rtol=1e-6)
+  # 'all' is unchanged: group 0 mean 2/3, std of [0, 0, 2] = 2/sqrt(3).
+  A = advantages.compute(r[:3], [0, 0, 0], [0, 0, 1], _cfg())
+  np.testing.assert_allclose(A, (np.array([0, 0, 2]) - 2 / 3) / (2 / np.sqrt(3) + 1e-4), rtol=1e-6)

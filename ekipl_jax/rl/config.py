@@ -27,10 +27,13 @@ def default() -> ml_collections.ConfigDict:
       "seq_mean_token_mean"  # 'token_mean' (DAPO) | 'seq_mean_token_mean' (GRPO) | 'seq_mean_token_sum_norm' (Dr. GRPO)
   )
   c.max_len_norm = 512  # constant divisor of 'seq_mean_token_sum_norm' (max completion length)
-  c.external_treatment = "paper"  # external tokens: 'paper' | 'luffy' | 'importance' | 'rlplus'
+  c.external_treatment = "paper"  # external tokens: 'paper' | 'luffy' | 'importance' | 'importance_tis' | 'rlplus'
   c.luffy_gamma = 0.1  # 'luffy': f(pi) = pi / (pi + gamma)
-  c.is_max = 2.0  # 'importance': rho = pi_theta / pi_behaviour truncated at this maximum
+  c.is_max = 2.0  # cap C: 'importance' min(pi_theta / pi_behaviour, C); 'importance_tis' min(pi_old / pi_behaviour, C)
   c.entropy_coef = 0.0  # entropy bonus coefficient (LUFFY: 0.001)
+  # T of the loss's log-probs log softmax(logits / T) (policy, pi_old, reference). None: the sampling temperature
+  # (TRL's GRPOTrainer; then pi_old of a policy row is the distribution it was sampled from). Reason-RFT: 1.0.
+  c.logprob_temperature = config_dict.placeholder(float)
   # --- update step (update.py) ---
   c.mu = 1  # inner epochs over one batch (Reason-RFT: 1, so rho == 1)
   c.micro_batches = 1  # gradient accumulation: the batch is split into this many micro-batches (exact)

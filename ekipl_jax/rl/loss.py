@@ -12,6 +12,11 @@ External rows (is_external) replace J_it by, per cfg.external_treatment:
   'importance' min(pi_theta / pi_behaviour, is_max) A_i from stored behaviour log-probs (truncated IS; above
                is_max the term is constant, so no gradient); rows with has_behaviour_B False use 'paper'
                (has_behaviour_B None: every external row has them)
+  'importance_tis'  w A-term of the clipped J_it with w = sg(min(pi_old / pi_behaviour, is_max)): truncated
+               importance sampling as TRL's GRPOTrainer applies it (vllm_importance_sampling_mode "token_truncate",
+               trl/trainer/grpo_trainer.py at commit f2cd57710ae345ea6428ae95363267fcf38a3dc8): the weight is detached,
+               so a capped token still gets the clipped term's gradient (times is_max); rows with has_behaviour_B
+               False use 'paper'
   'rlplus'     2 pi_theta / (pi_old + w) * A_i * (1 - sg(pi_theta))^0.5, w = (pi_old + 1) / 2, not clipped (RL-PLUS)
 
 Aggregation, returned as (loss_sum, denom) with loss = loss_sum / denom. Both are sums over rows, so k micro-batches
@@ -32,7 +37,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-TREATMENTS = ("paper", "luffy", "importance", "rlplus")
+TREATMENTS = ("paper", "luffy", "importance", "importance_tis", "rlplus")
 
 
 def denominator(mask_BC: Array, cfg) -> Array:
@@ -124,6 +129,15 @@ def grpo_loss(
     rho_is_BC = jnp.exp(logp_BC - jax.lax.stop_gradient(beh_BC))
     J_BC = jnp.where(use_is_BC, jnp.minimum(rho_is_BC, cfg.is_max) * A_B1, J_BC)
     clipped_BC = ~use_is_BC
+  elif treatment == "importance_tis":
+    if behaviour_logp_BC is None:
+      raise ValueError("external_treatment 'importance_tis' needs behaviour_logp_BC")
+    has_B1 = (jnp.ones(A_B.shape, bool) if has_behaviour_B is None else has_behaviour_B.astype(bool))[:, None]
+    use_is_BC = jnp.broadcast_to(ext_B1 & has_B1, m_BC.shape)
+    beh_BC = jnp.where(use_is_BC & valid_BC, behaviour_logp_BC.astype(f32), old_logp_BC)
+    w_BC = jax.lax.stop_gradient(jnp.minimum(jnp.exp(old_logp_BC - beh_BC), cfg.is_max))
+    J_BC = jnp.where(use_is_BC, w_BC * J_BC, J_BC)
+    clipped_BC = jnp.ones_like(valid_BC)
   elif treatment == "rlplus":
     pi_BC, pi_old_BC = jnp.exp(logp_BC), jnp.exp(old_logp_BC)
     w_BC = (pi_old_BC + 1.0) / 2.0

@@ -38,9 +38,14 @@ class RLContext:
   last_group_text: str = ""
 
 
+def logprob_temperature(rcfg) -> float:
+  """T of the loss's log-probs (config key rl.logprob_temperature; None: rl.sampling.temperature)."""
+  return rcfg.sampling.temperature if rcfg.logprob_temperature is None else rcfg.logprob_temperature
+
+
 def make_logprob_fn(model, P: int, chunk: int, temperature: float = 1.0):
-  """log pi_theta of the completion tokens under softmax(logits / T), T the sampling temperature (as TRL's GRPO
-  scores them), so that for policy rows pi_old equals what the sampler drew from."""
+  """log pi_theta of the completion tokens under softmax(logits / T) (T: logprob_temperature). With T the sampling
+  temperature (as TRL's GRPO scores them) pi_old of a policy row equals what the sampler drew from."""
   return lambda params, mb: packed.row_logprobs(
       model, params, mb, targets_from=P, chunk_size=chunk, temperature=temperature
   )
@@ -59,7 +64,7 @@ def build_step(model, cfg, optimizer, state_sharding=None):
   def get(P: int):
     if P not in cache:
       cache[P] = update.make_train_step(
-          make_logprob_fn(model, P, cfg.model.logprob_chunk, cfg.rl.sampling.temperature),
+          make_logprob_fn(model, P, cfg.model.logprob_chunk, logprob_temperature(cfg.rl)),
           optimizer,
           cfg.rl,
           state_sharding=state_sharding,
@@ -140,11 +145,12 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
       is_external=(g.source_R[keep] > 0),
       behaviour_logp=g.behaviour_logp_RC[keep],
       has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
-      sampler_logp=_sampler_logp(out, g, keep),
   )
+  if logprob_temperature(rcfg) == rcfg.sampling.temperature:  # the sampler's log-probs are at its temperature
+    batch["sampler_logp"] = _sampler_logp(out, g, keep)
   batch = update.shard_batch(batch, ctx.mesh)
   if rcfg.beta != 0:
-    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, rcfg.sampling.temperature)(ctx.ref_params, batch)
+    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, logprob_temperature(rcfg))(ctx.ref_params, batch)
   state, m = ctx.train_step(P)(state, batch)
 
   kept_src = g.source_R[keep]
