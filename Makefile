@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HASH := $(shell cat setup.py | md5sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install install-test lint format demo test test-fast bench clean
+.PHONY: install install-test install-tpu lint format demo test test-fast bench aot tpu-plan clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,12 +38,12 @@ format: $(BIN)/python $(VENV)/.pyink
 demo: install
 	$(BIN)/python experiments/demo.py --out results
 
-# The whole suite (slow tests included), two workers.
-test: install-test
+# The whole suite (slow tests included), two workers. tests/test_aot.py runs experiments/aot.py in .venv-tpu.
+test: install-test install-tpu
 	$(BIN)/python -m pytest -n 2 --durations=15 tests $(PYTEST_ARGS)
 
 # Without the tests marked slow.
-test-fast: install-test
+test-fast: install-test install-tpu
 	$(BIN)/python -m pytest -n 2 -m "not slow" tests $(PYTEST_ARGS)
 
 # Benchmarks, side by side with the references; writes docs/BENCHMARKS.md. tunix (a peer sampler) pins its own
@@ -59,5 +59,30 @@ $(TUNIX_VENV)/.installed:
 bench: install-test $(TUNIX_VENV)/.installed
 	$(BIN)/python experiments/bench.py --out docs/BENCHMARKS.md
 
+# Deviceless TPU compilation (experiments/aot.py): does a config fit a TPU slice? libtpu comes with jax[tpu] (which pins
+# it), so the tool gets its own venv with this package installed editable beside it. Only one process can load libtpu
+# at a time (a lock file; ALLOW_MULTIPLE_LIBTPU_LOAD=1 lifts it).
+TPU_VENV := .venv-tpu
+JAX_TPU := jax[tpu]==0.10.2
+CONFIG ?= configs/paper.py:qwen2_vl_2b,counting,ekipl
+TOPOLOGY ?= v5e:2x4
+AOT_ARGS ?=
+
+$(TPU_VENV)/.installed-$(HASH): setup.py
+	test -x $(TPU_VENV)/bin/python || $(PY) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/pip install -q --upgrade pip
+	$(TPU_VENV)/bin/pip install -q "$(JAX_TPU)" -e .
+	touch $@
+
+install-tpu: $(TPU_VENV)/.installed-$(HASH)
+
+# One config on one slice: make aot CONFIG=configs/paper.py:qwen2_vl_7b,spatial,grpo TOPOLOGY=v5p:2x2x1
+aot: install-tpu
+	$(TPU_VENV)/bin/python experiments/aot.py --config $(CONFIG) --topology $(TOPOLOGY) $(AOT_ARGS)
+
+# Every paper config on its slices (experiments/aot.py PLAN_SLICES) -> docs/TPU_PLAN.md (+ docs/TPU_PLAN.json).
+tpu-plan: install-tpu
+	$(TPU_VENV)/bin/python experiments/aot.py --plan docs/TPU_PLAN.md $(AOT_ARGS)
+
 clean:
-	rm -rf $(VENV) $(TUNIX_VENV) results
+	rm -rf $(VENV) $(TUNIX_VENV) $(TPU_VENV) results

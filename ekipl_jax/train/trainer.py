@@ -127,6 +127,14 @@ def init_state(params, optimizer, shardings: update.TrainState) -> update.TrainS
   return jax.jit(lambda p: update.init_state(p, optimizer), out_shardings=shardings)(params)
 
 
+def abstract_state(params, optimizer, mesh) -> tuple[update.TrainState, update.TrainState]:
+  """(the train state as ShapeDtypeStructs carrying their shardings, the shardings): what init_state places, with
+  nothing allocated. params: arrays or ShapeDtypeStructs with shardings (experiments/aot.py compiles with these)."""
+  shardings = state_sharding(params, optimizer, mesh)
+  shapes = jax.eval_shape(lambda p: update.init_state(p, optimizer), params)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings), shardings
+
+
 def run_sft(cfg, model, params, proc, builder, mesh):
   src = data_lib.source(builder, cfg.data.train_split)
   n = min(cfg.sft.num_examples, len(src))

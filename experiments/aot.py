@@ -1,0 +1,736 @@
+"""Does a config fit a TPU slice? Compiles the config's device programs for a TPU topology on this (CPU) machine.
+
+    .venv-tpu/bin/python experiments/aot.py --config configs/paper.py:qwen2_vl_2b,counting,ekipl --topology v5e:2x4
+    make aot CONFIG=configs/paper.py:qwen2_vl_2b,counting,ekipl TOPOLOGY=v5e:2x4      (the same, in .venv-tpu)
+    make tpu-plan                                    (every paper config x its slices -> docs/TPU_PLAN.md)
+
+--config takes what experiments/train.py takes (a config file, its argument, --config.key=value overrides). No TPU
+and no checkpoint is needed: libtpu (the .venv-tpu environment, `jax[tpu]`) describes the slice's devices
+(jax.experimental.topologies), the parameters are abstract (ShapeDtypeStructs from the checkpoint's config.json, or,
+when model.init_from is not on disk, ekipl_jax/models/known_configs.py found by the model name in the config's name
+or init_from; or the config's from-scratch model.arch), and every program is lowered with the trainer's own functions
+and shardings, then compiled by XLA for the TPU:
+
+  sft   the SFT step (train/sft.py make_sft_step) on sft.batch_size rows of prompt + sft.max_completion tokens
+  rl    sampler prefill and decode loop (sampling/generate.py), reference log-probs (train/rl.py, when rl.beta != 0)
+        and the update step (rl/update.py via train/rl.py build_step) on rl.batch_prompts x rl.group_size rows.
+        Old log-probs are no separate program: with rl.mu == 1 pi_old is pi_theta, with mu > 1 the update step
+        computes them itself. The pool's external rows (M x K per prompt) live on the host; G per prompt are kept.
+
+Shapes: every prompt carries images_per_prompt images of the largest size the config's image processor makes
+(max over aspect ratios of transformers' smart_resize under data.max_pixels), plus prompt_text_tokens of text; the
+prompt bucket is the smallest of data.prompt_buckets that holds it (the processor's rule). Each row's patches are
+packed as train/batching.py packs them; the sampler's patch bucket is generate.py's.
+
+Per chip, for each program: XLA's argument / output / temp bytes (compiled.memory_analysis()); what else is resident
+while it runs (train state, reference params: buffers that are not its arguments); their sum against the chip's HBM
+as XLA itself reports it (an oversized probe compile's "available HBM"). A program fits when the sum leaves at least
+--min_headroom of HBM free. When XLA refuses to compile for lack of HBM, the program does not fit, with XLA's number.
+Exit status: 0 when every program fits, 1 when one does not, 2 on any other error.
+
+Estimates (labelled so): XLA's cost model (compiled.cost_analysis()) gives flops and, on some chips, a positive
+'optimal_seconds'; from it a step time, tokens/s and MFU against the chip's peak bf16 flop/s (CHIPS below).
+
+Only one process can load libtpu at a time (a lock file); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lifts the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config, as experiments/train.py takes it")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology name, e.g. v5e:2x4, v5p:2x2x1, v5e:16x16")
+_TEXT = flags.DEFINE_integer("prompt_text_tokens", 256, "text tokens per prompt besides the image tokens")
+_IMAGES = flags.DEFINE_integer("images_per_prompt", -1, "images per prompt (-1: by data.task, IMAGES_PER_TASK)")
+_HEADROOM = flags.DEFINE_float("min_headroom", 0.10, "fraction of HBM that must stay free for a program to fit")
+_JSON = flags.DEFINE_string("json_out", "", "also write the results as JSON here")
+_DUMP = flags.DEFINE_string("xla_dump", "", "XLA dump folder (its *memory-usage-report.txt lists the largest buffers)")
+_PLAN = flags.DEFINE_string("plan", "", "write the plan over every paper config x slice (PLAN) to this Markdown file")
+
+GiB = 1024**3
+
+# Images per prompt by data.task: Reason-RFT's spatial task (TRANCE) shows the initial and the final state.
+IMAGES_PER_TASK = {"counting": 1, "structure": 1, "spatial": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_gib: float  # nominal HBM per chip (the source's number)
+  peak_bf16: float  # peak bf16 flop/s per chip
+  source: str
+
+
+# device_kind (as libtpu names it) -> the chip. Numbers from Google Cloud's TPU pages.
+CHIPS = {
+    "TPU v4": Chip("v4", 32, 275e12, "https://cloud.google.com/tpu/docs/v4"),
+    "TPU v5 lite": Chip("v5e", 16, 197e12, "https://cloud.google.com/tpu/docs/v5e"),
+    "TPU v5": Chip("v5p", 95, 459e12, "https://cloud.google.com/tpu/docs/v5p"),
+    "TPU v6 lite": Chip("v6e", 32, 918e12, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+# make tpu-plan: each paper model on the slices it is planned for (issue 10); the last 7B entry is pod scale with
+# 16 data-parallel replicas of 16-way FSDP groups.
+PLAN_SLICES = {
+    "qwen2_vl_2b": (("v5e:2x4", {}),),
+    "qwen2_5_vl_3b": (("v5e:2x4", {}),),
+    "qwen2_vl_7b": (("v5e:4x4", {}), ("v5p:2x2x1", {}), ("v5e:16x16", {"mesh.shape": (16, -1, 1)})),
+    "qwen2_5_vl_7b": (("v5e:4x4", {}), ("v5p:2x2x1", {}), ("v5e:16x16", {"mesh.shape": (16, -1, 1)})),
+}
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+def hf_config_for(cfg) -> tuple[dict, str]:
+  """(config.json dict, where it came from): init_from's config.json when on disk; else the config's from-scratch
+  model.arch; else the known config of the model its name / init_from names."""
+  from ekipl_jax.models import known_configs
+  from ekipl_jax.train import policy
+
+  path = os.path.join(cfg.model.init_from, "config.json") if cfg.model.init_from else ""
+  if path and os.path.isfile(path):
+    with open(path) as f:
+      return json.load(f), path
+  if not cfg.model.init_from and cfg.model.arch:
+    V = int(cfg.model.vocab_size)
+    if V <= 8:
+      raise ValueError("config key model.vocab_size: a from-scratch model.arch needs the vocabulary size (> 8)")
+    # Special ids only place the image tokens; the shapes do not depend on them.
+    names = ("eos_token_id", "pad_token_id", "image_token_id", "video_token_id", "vision_start_token_id")
+    special = dict(vocab_size=V, vision_end_token_id=V - 6, **{n: V - 1 - i for i, n in enumerate(names)})
+    return policy.scratch_hf_config(cfg.model.family, cfg.model.arch, special), "model.arch"
+  name = known_configs.find(cfg.name, cfg.model.init_from)
+  if name is None:
+    raise ValueError(
+        f"config key model.init_from: no config.json at {cfg.model.init_from!r} and no known model name in the config "
+        f"name {cfg.name!r} or the path (known: {sorted(known_configs.CONFIGS)}, ekipl_jax/models/known_configs.py)"
+    )
+  return known_configs.lookup(name), f"known_configs.{name}"
+
+
+def largest_image_grid(dcfg, vcfg) -> tuple[int, int, int]:
+  """(t, h, w) patch grid of the largest image the processor makes under data.max_pixels (transformers'
+  smart_resize over aspect ratios up to 1:8, at most max_pixels; the factor is patch_size * merge_size)."""
+  from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+  f = vcfg.patch_size * vcfg.spatial_merge_size
+  side = int(math.isqrt(int(dcfg.max_pixels)) * 3) // f * f + f
+  best = (0, 0)
+  for h in range(f, side + 1, f):
+    for w in range(h, min(8 * h, side * 3) + 1, f):
+      rh, rw = smart_resize(h, w, factor=f, min_pixels=int(dcfg.min_pixels), max_pixels=int(dcfg.max_pixels))
+      if best[0] * best[1] < rh * rw <= dcfg.max_pixels:  # (min_pixels can push odd aspect ratios above it)
+        best = (rh, rw)
+  return 1, best[0] // vcfg.patch_size, best[1] // vcfg.patch_size
+
+
+# ------------------------------------------------------------------------------------------ abstract inputs
+
+
+def sds(shape, dtype, sharding):
+  import jax
+
+  return jax.ShapeDtypeStruct(tuple(int(s) for s in shape), dtype, sharding=sharding)
+
+
+def batch_sharding(shape, mesh, rules):
+  """update.shard_batch's placement: the leading axis on the logical "batch" axis."""
+  from ekipl_jax import sharding
+
+  return sharding.logical_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, rules, shape=shape)
+
+
+@dataclasses.dataclass
+class Geometry:
+  grid: tuple[int, int, int]  # one image's (t, h, w) patches
+  images_per_prompt: int
+  image_tokens: int  # per prompt (merged)
+  prompt_tokens: int  # real prompt tokens (text + image tokens + vision start / end)
+  P: int  # prompt bucket
+
+
+def geometry(cfg, model, text_tokens: int, images_per_prompt: int) -> Geometry:
+  from ekipl_jax.data import processor as processor_lib
+  from ekipl_jax.models.model import vision_config
+
+  vcfg = vision_config(model.config)
+  grid = largest_image_grid(cfg.data, vcfg)
+  n = images_per_prompt if images_per_prompt >= 0 else IMAGES_PER_TASK.get(cfg.data.task, 1)
+  tok = n * (grid[0] * grid[1] * grid[2] // vcfg.merge_unit)
+  length = text_tokens + tok + 2 * n
+  return Geometry(grid, n, tok, length, processor_lib.pick_bucket(length, cfg.data.prompt_buckets))
+
+
+def prompt_ids(model, geo: Geometry, B: int):
+  """[B, P] left-padded prompt ids / mask: text, then per image <vision_start> <image_pad> x tokens <vision_end>."""
+  import numpy as np
+
+  c = model.config
+  per = geo.image_tokens // max(geo.images_per_prompt, 1)
+  row = [0] * (geo.prompt_tokens - geo.image_tokens - 2 * geo.images_per_prompt)
+  for _ in range(geo.images_per_prompt):
+    row += [c.vision_start_token_id] + [c.image_token_id] * per + [c.vision_start_token_id + 1]
+  ids = np.zeros((B, geo.P), np.int32)
+  mask = np.zeros((B, geo.P), np.int32)
+  ids[:, geo.P - len(row) :] = row
+  mask[:, geo.P - len(row) :] = 1
+  return ids, mask
+
+
+def abstract_rows_batch(model, geo: Geometry, R: int, C: int, mesh, rules) -> dict:
+  """train/batching.rows_batch's arrays for R identical rows (built for one row on the host, leading axis scaled
+  to R) as ShapeDtypeStructs placed as update.shard_batch places them."""
+  import numpy as np
+
+  from ekipl_jax.models.model import vision_config
+  from ekipl_jax.train import batching
+
+  vcfg = vision_config(model.config)
+  ids, mask = prompt_ids(model, geo, 1)
+  grid = np.tile(np.asarray(geo.grid, np.int64), (geo.images_per_prompt, 1))
+  n_patches = int(grid.prod(-1).sum())
+  b = batching.rows_batch(
+      model,
+      ids,
+      mask,
+      np.zeros((1, C), np.int32),
+      np.ones((1, C), np.int32),
+      np.zeros((n_patches, vcfg.patch_dim), np.float32) if geo.images_per_prompt else None,
+      grid if geo.images_per_prompt else None,
+      [geo.images_per_prompt],
+  )
+  out = {}
+  for k, v in b.items():
+    shape = (R * v.shape[0],) + v.shape[1:]
+    out[k] = sds(shape, v.dtype, batch_sharding(shape, mesh, rules))
+  return out
+
+
+def rl_batch_extras(R: int, C: int, mesh, rules) -> dict:
+  """The keys train/rl.rl_step adds to the update batch (before ref_logp), with their dtypes."""
+  import numpy as np
+
+  spec = dict(
+      advantages=((R,), np.float32),
+      is_external=((R,), np.bool_),
+      behaviour_logp=((R, C), np.float32),
+      has_behaviour=((R,), np.bool_),
+      sampler_logp=((R, C), np.float32),
+  )
+  return {k: sds(s, d, batch_sharding(s, mesh, rules)) for k, (s, d) in spec.items()}
+
+
+def with_shardings(shapes, shardings):
+  import jax
+
+  return jax.tree.map(lambda s, sh: sds(s.shape, s.dtype, sh), shapes, shardings)
+
+
+def abstract_params(model, mesh, rules):
+  from ekipl_jax.models import checkpoint
+
+  shapes, _ = checkpoint.abstract_params(model)
+  return with_shardings(shapes, checkpoint.param_shardings(model, mesh, rules))
+
+
+def per_chip_bytes(tree) -> int:
+  """Bytes one chip holds of a tree of ShapeDtypeStructs with shardings (the largest shard)."""
+  import jax
+  import numpy as np
+
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    try:
+      item = np.dtype(x.dtype).itemsize
+    except TypeError:  # PRNG key arrays
+      item = 8
+    total += int(np.prod(shape, dtype=np.int64)) * item
+  return total
+
+
+# --------------------------------------------------------------------------------------------- compilation
+
+
+_OOM = re.compile(r"required for (.*?) \(([\d.]+)([KMGTP]?)\) exceeds available HBM \(([\d.]+)([KMGTP]?)\)")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "P": 1024**5}
+
+
+def parse_oom(msg: str) -> dict | None:
+  """XLA's "... required for HLO temporaries (259.61G) exceeds available HBM (15.75G)" (binary units)."""
+  m = _OOM.search(msg)
+  if not m:
+    return None
+  return dict(
+      what=m.group(1), required=float(m.group(2)) * _UNITS[m.group(3)], available=float(m.group(4)) * _UNITS[m.group(5)]
+  )
+
+
+_CACHE: dict[str, dict] = {}  # lowered-program hash -> compile result (make tpu-plan compiles each program once)
+_HBM: dict[str, float] = {}  # device_kind -> usable HBM bytes per chip
+
+
+def usable_hbm(mesh) -> float:
+  """HBM per chip as XLA counts it, read from its refusal of a 1 TiB program (cached per chip kind)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  kind = mesh.devices.flat[0].device_kind
+  if kind not in _HBM:
+    one = jax.sharding.Mesh(np.asarray(mesh.devices.flat[:1]), ("x",))
+    rep = jax.sharding.NamedSharding(one, jax.sharding.PartitionSpec())
+    f = jax.jit(lambda x: jnp.broadcast_to(x, (1 << 20, 1 << 18)) * 2, out_shardings=rep)
+    try:
+      f.lower(sds((1 << 18,), jnp.float32, rep)).compile()
+      raise RuntimeError(f"{kind}: a 1 TiB program compiled; cannot read the chip's HBM")
+    except jax.errors.JaxRuntimeError as e:
+      oom = parse_oom(str(e))
+      if oom is None:
+        raise
+      _HBM[kind] = oom["available"]
+  return _HBM[kind]
+
+
+def compile_program(name: str, jitted, args: tuple, kwargs: dict | None = None) -> dict:
+  """Lower and compile one program; its memory (per chip), cost estimate and times, or XLA's out-of-memory."""
+  import jax
+
+  t0 = time.time()
+  lowered = jitted.lower(*args, **(kwargs or {}))
+  t_lower = time.time() - t0
+  key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+  if key in _CACHE:
+    return dict(_CACHE[key], name=name, lower_s=t_lower, cached=True)
+  out: dict[str, Any] = dict(name=name, lower_s=t_lower, cached=False, hash=key[:12])
+  t0 = time.time()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    out["compile_s"] = time.time() - t0
+    oom = parse_oom(str(e))
+    if oom is None:
+      raise
+    out["oom"] = oom
+    _CACHE[key] = {k: v for k, v in out.items() if k not in ("name", "lower_s")}
+    return out
+  out["compile_s"] = time.time() - t0
+  m = compiled.memory_analysis()
+  out["mem"] = dict(
+      argument=m.argument_size_in_bytes,
+      output=m.output_size_in_bytes,
+      alias=m.alias_size_in_bytes,
+      temp=m.temp_size_in_bytes,
+      code=m.generated_code_size_in_bytes,
+  )
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out["cost"] = {k: float(cost[k]) for k in ("flops", "bytes accessed", "optimal_seconds") if cost and k in cost}
+  out["out_shapes"] = jax.tree.map(
+      lambda i, s: sds(i.shape, i.dtype, s), lowered.out_info, compiled.output_shardings
+  )  # for the next program's inputs
+  _CACHE[key] = {k: v for k, v in out.items() if k not in ("name", "lower_s")}
+  return out
+
+
+def program_bytes(r: dict) -> int:
+  """Peak bytes per chip of a program alone: arguments + outputs not aliased to them + temporaries + code."""
+  m = r["mem"]
+  return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"]
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def sft_programs(cfg, model, mesh, rules, geo: Geometry, params):
+  from ekipl_jax.train import sft, trainer
+
+  steps = cfg.sft.steps or -(-cfg.sft.num_examples // cfg.sft.batch_size)
+  optimizer = sft.optimizer_for(cfg.sft, steps)
+  state, shardings = trainer.abstract_state(params, optimizer, mesh)
+  R, C = cfg.sft.batch_size, cfg.sft.max_completion
+  batch = abstract_rows_batch(model, geo, R, C, mesh, rules)
+  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=shardings)
+  r = compile_program("sft_step", step, (state, batch), dict(P=geo.P))
+  r.update(rows=R, tokens=R * (geo.P + C), resident={}, args=["state", "batch"])
+  return [r], {"state": per_chip_bytes(state), "batch": per_chip_bytes(batch)}
+
+
+def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
+  import jax
+  import numpy as np
+
+  from ekipl_jax import sharding
+  from ekipl_jax.models import vision as vision_lib
+  from ekipl_jax.models.model import vision_config
+  from ekipl_jax.rl import update
+  from ekipl_jax.sampling.sample import SamplingParams
+  from ekipl_jax.train import rl, trainer
+
+  generate = importlib.import_module("ekipl_jax.sampling.generate")  # the package exports a function of that name
+  rc = cfg.rl
+  optimizer = update.make_optimizer(rc.optimizer)
+  state, shardings = trainer.abstract_state(params, optimizer, mesh)
+  ref = params if rc.beta != 0 else None  # the trainer keeps a copy of the initial params, placed like them
+  B, n, C = rc.batch_prompts, rc.num_policy_samples, rc.sampling.max_new_tokens
+  R = B * rc.group_size
+  sizes = {"params": per_chip_bytes(params), "state": per_chip_bytes(state), "ref_params": per_chip_bytes(ref or {})}
+  others = sizes["state"] - sizes["params"]  # optimizer moments and counters
+
+  # Sampler (generate.generate): prompts placed by generate._place, patches / metadata / rng unplaced (replicated).
+  ids, mask = prompt_ids(model, geo, B)
+  grid = np.tile(np.asarray(geo.grid, np.int64), (B * geo.images_per_prompt, 1))
+  ids_BP, mask_BP, pos_3BP, first_pos_B, _, _ = generate.prepare_prompts(model, ids, mask, None, grid, (geo.P,))
+  place = lambda x, axes: sds(x.shape, x.dtype, sharding.logical_sharding(axes, mesh, rules, x.shape))
+  rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  vcfg = vision_config(model.config)
+  Np = generate._patch_bucket(int(grid.prod(-1).sum()), vcfg.merge_unit)  # as prepare_prompts pads the patches
+  vmeta = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep), vision_lib.vision_metadata(grid, vcfg, pad_to=Np))
+  rng = sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, rep)
+  sp = SamplingParams(float(rc.sampling.temperature), float(rc.sampling.top_p), int(rc.sampling.top_k))
+  prefill, decode = generate._compiled(model, sp, int(C), int(n), (1,), 0, geo.P)
+  prompt_args = (
+      place(ids_BP, ("batch", "sequence")),
+      place(mask_BP, ("batch", "sequence")),
+      place(pos_3BP, (None, "batch", "sequence")),
+      place(first_pos_B, ("batch",)),
+      sds((Np, vcfg.patch_dim), np.float32, rep),
+      vmeta,
+      rng,
+  )
+  out = []
+  r = compile_program("prefill", prefill, (params,) + prompt_args)
+  r.update(rows=B, tokens=B * geo.P, resident={"opt_state": others, "ref_params": sizes["ref_params"]})
+  out.append(r)
+  if "out_shapes" in r:
+    dstate = dict(r["out_shapes"])
+    cache = dstate.pop("cache")
+    sizes["kv_cache"] = per_chip_bytes(cache)
+    r = compile_program("decode", decode, (params, cache, dstate))
+    r.update(rows=B * n, tokens=B * n * (C - 1), resident={"opt_state": others, "ref_params": sizes["ref_params"]})
+  else:
+    r = dict(name="decode", skipped="prefill did not compile")
+  out.append(r)
+
+  # Update batch (train/rl.rl_step): G kept rows per prompt, each with its own images.
+  batch = abstract_rows_batch(model, geo, R, C, mesh, rules)
+  batch.update(rl_batch_extras(R, C, mesh, rules))
+  temp = rl.logprob_temperature(rc) if hasattr(rl, "logprob_temperature") else rc.sampling.temperature
+  if ref is not None:
+    r = compile_program("ref_logprobs", rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp), (ref, batch))
+    r.update(rows=R, tokens=R * (geo.P + C), resident={"state": sizes["state"]})
+    out.append(r)
+    if "out_shapes" not in r:
+      return out, sizes
+    batch["ref_logp"] = r["out_shapes"]
+  sizes["batch"] = per_chip_bytes(batch)
+  step = rl.build_step(model, cfg, optimizer, shardings)(geo.P)
+  r = compile_program("update_step", step, (state, batch))
+  r.update(rows=R, tokens=R * (geo.P + C), resident={"ref_params": sizes["ref_params"]})
+  out.append(r)
+  return out, sizes
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_headroom: float) -> dict:
+  """Compile the config's stage for the topology; -> the report (also printed)."""
+  import jax
+  from jax.experimental import topologies
+
+  from ekipl_jax import sharding
+  from ekipl_jax.models import checkpoint, config as config_lib
+  from ekipl_jax.train import policy, trainer
+
+  if cfg.stage not in ("sft", "rl"):
+    raise ValueError(f"config key stage: {cfg.stage!r}; the tool compiles the sft or rl stage")
+  t0 = time.time()
+  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  devices = list(topo.devices)
+  mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
+  rules = trainer.rules_from_config(cfg.mesh.rules)
+  kind = devices[0].device_kind
+  chip = CHIPS.get(kind)
+  hbm = usable_hbm(mesh)
+  hf, hf_source = hf_config_for(cfg)
+  model = checkpoint.build(
+      config_lib.as_config(hf),
+      policy.DTYPES[cfg.model.param_dtype],
+      policy.DTYPES[cfg.model.compute_dtype],
+      cfg.model.remat,
+      mesh,
+      rules,
+  )
+  params = abstract_params(model, mesh, rules)
+  geo = geometry(cfg, model, text_tokens, images_per_prompt)
+  fn = sft_programs if cfg.stage == "sft" else rl_programs
+  programs, sizes = fn(cfg, model, mesh, rules, geo, params)
+
+  for r in programs:
+    if "mem" in r:
+      r["program_bytes"] = program_bytes(r)
+      r["total_bytes"] = r["program_bytes"] + sum(r["resident"].values())
+      r["headroom"] = 1 - r["total_bytes"] / hbm
+      r["fits"] = r["headroom"] >= min_headroom
+      c = r.get("cost", {})
+      if c.get("optimal_seconds", -1) > 0:
+        t = c["optimal_seconds"]
+        r["estimate"] = dict(seconds=t, tokens_per_s=r["tokens"] / t)
+        if chip and c.get("flops", 0) > 0:
+          r["estimate"]["mfu"] = c["flops"] / (t * chip.peak_bf16)
+    else:
+      r["fits"] = False
+    r.pop("out_shapes", None)
+  report = dict(
+      config=cfg.name,
+      stage=cfg.stage,
+      topology=topology,
+      chips=len(devices),
+      device_kind=kind,
+      mesh=dict(mesh.shape),
+      hbm_bytes=hbm,
+      chip=dataclasses.asdict(chip) if chip else None,
+      hf_config=hf_source,
+      geometry=dataclasses.asdict(geo),
+      sizes=sizes,
+      min_headroom=min_headroom,
+      programs=programs,
+      fits=all(r["fits"] for r in programs),
+      seconds=time.time() - t0,
+  )
+  print_report(report)
+  return report
+
+
+def _g(b: float) -> str:
+  return f"{b / GiB:.2f}"
+
+
+def print_report(rep: dict) -> None:
+  geo = rep["geometry"]
+  print(
+      f"\n{rep['config']} ({rep['stage']}) on {rep['topology']}: {rep['chips']} x {rep['device_kind']}, mesh "
+      f"{rep['mesh']}, HBM {_g(rep['hbm_bytes'])} GiB per chip (XLA); params from {rep['hf_config']}"
+  )
+  print(
+      f"  prompt: {geo['images_per_prompt']} image(s) of {geo['grid']} patches = {geo['image_tokens']} image tokens, "
+      f"{geo['prompt_tokens']} tokens -> bucket {geo['P']}"
+  )
+  print("  resident per chip (GiB): " + ", ".join(f"{k} {_g(v)}" for k, v in rep["sizes"].items()))
+  hdr = f"  {'program':<13} {'args':>7} {'out':>7} {'alias':>7} {'temp':>7} {'+other':>7} {'total':>7}  {'room':>6}"
+  print(hdr + "  compile  verdict")
+  for r in rep["programs"]:
+    if "skipped" in r:
+      print(f"  {r['name']:<13} not compiled: {r['skipped']}")
+      continue
+    comp = f"{r['compile_s']:6.1f}s" + (" (cached)" if r["cached"] else "")
+    if "oom" in r:
+      o = r["oom"]
+      print(
+          f"  {r['name']:<13} DOES NOT FIT: XLA needs {_g(o['required'])} GiB for {o['what']}, "
+          f"{_g(o['available'])} GiB available  {comp}"
+      )
+      continue
+    m, other = r["mem"], sum(r["resident"].values())
+    verdict = "fits" if r["fits"] else "DOES NOT FIT" if r["headroom"] < 0 else "TIGHT (< min headroom)"
+    print(
+        f"  {r['name']:<13} {_g(m['argument']):>7} {_g(m['output']):>7} {_g(m['alias']):>7} {_g(m['temp']):>7} "
+        f"{_g(other):>7} {_g(r['total_bytes']):>7}  {r['headroom']:6.1%}  {comp}  {verdict}"
+    )
+    if "estimate" in r:
+      e = r["estimate"]
+      mfu = f", MFU {e['mfu']:.1%} of {rep['chip']['peak_bf16'] / 1e12:.0f} TFLOP/s" if "mfu" in e else ""
+      print(f"  {'':<13} estimate (XLA cost model): {e['seconds'] * 1e3:.1f} ms, {e['tokens_per_s']:.0f} tokens/s{mfu}")
+  print(f"  => {'FITS' if rep['fits'] else 'DOES NOT FIT'} (min headroom {rep['min_headroom']:.0%})")
+
+
+# ----------------------------------------------------------------------------------------------------- plan
+
+
+def load_config(spec: str, overrides: dict | None = None):
+  """configs/x.py:ARG and {"key.path": value} overrides -> ConfigDict (as --config / --config.key=value give it)."""
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location(f"_aot_cfg_{abs(hash(path))}", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  cfg = mod.get_config(arg) if arg else mod.get_config()
+  for key, value in (overrides or {}).items():
+    *parents, leaf = key.split(".")
+    node = cfg
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return cfg
+
+
+def write_plan(path: str, text_tokens: int, min_headroom: float) -> bool:
+  from configs import paper  # pylint: disable=g-import-not-at-top
+
+  reports, t0 = [], time.time()
+  for model_name, slices in PLAN_SLICES.items():
+    for topology, overrides in slices:
+      for task in paper.TASKS:
+        for method in paper.METHODS:
+          spec = f"configs/paper.py:{model_name},{task},{method}"
+          cfg = load_config(spec, overrides)
+          try:
+            rep = run_one(cfg, topology, text_tokens, -1, min_headroom)
+          except Exception as e:  # pylint: disable=broad-except
+            rep = dict(config=cfg.name, topology=topology, error=f"{type(e).__name__}: {e}"[:500], fits=False)
+            print(rep)
+          rep["spec"] = " ".join([spec] + [f"--config.{k}={v}" for k, v in overrides.items()])
+          reports.append(rep)
+  with open(path, "w") as f:
+    f.write(plan_markdown(reports, time.time() - t0, text_tokens, min_headroom))
+  with open(os.path.splitext(path)[0] + ".json", "w") as f:
+    json.dump(reports, f, indent=1, default=str)
+  return all(r["fits"] for r in reports)
+
+
+def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_headroom: float) -> str:
+  import jax
+
+  lines = [
+      "# TPU plan: does each paper config fit its slice?",
+      "",
+      f"Written by `make tpu-plan` (experiments/aot.py, jax {jax.__version__}, libtpu from `jax[tpu]`) in "
+      f"{seconds / 60:.1f} min on a CPU machine: every program of every paper config compiled by XLA for the TPU "
+      "topology, without a TPU. Per chip, in GiB: XLA's argument / output / temporary bytes of the program, what "
+      "else is resident while it runs (train state, reference params), their total against the HBM XLA reports for "
+      f"the chip, and the headroom left; a program fits when the headroom is at least {min_headroom:.0%}. A program "
+      "XLA refuses for lack of HBM shows XLA's own number. Shapes: the paper's batch (configs/paper.py: 16 prompts, "
+      "N = 8 policy samples, G = 8 kept rows per prompt, 512 completion tokens; SFT 16 rows x 1024), each prompt with "
+      "the largest image data.max_pixels allows (one image; two for spatial) and "
+      f"{text_tokens} text tokens, in the prompt bucket data.prompt_buckets gives.",
+      "",
+      'Programs with the same lowered HLO are compiled once ("cached": e.g. counting and structure share shapes, '
+      "GRPO and EKIPL share the update step when their loss settings agree); the times shown are the first compile. "
+      "Estimates come from XLA's cost model (`optimal_seconds`), only where it is positive, against the chip's peak "
+      "bf16 flop/s; they are not measurements.",
+      "",
+      "| config | topology | mesh | program | args | out | temp | other resident | total | HBM | headroom | compile s"
+      " | estimate | verdict |",
+      "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for rep in reports:
+    if "error" in rep:
+      lines.append(f"| {rep['config']} | {rep['topology']} | | error: {rep['error']} | | | | | | | | | | no |")
+      continue
+    mesh = "x".join(str(v) for v in rep["mesh"].values())
+    for r in rep["programs"]:
+      head = f"| {rep['config']} | {rep['topology']} | {mesh} | {r['name']} |"
+      if "skipped" in r:
+        lines.append(f"{head} not compiled: {r['skipped']} | | | | | | | | | no |")
+        continue
+      comp = f"{r['compile_s']:.0f}" + (" (cached)" if r["cached"] else "")
+      if "oom" in r:
+        o = r["oom"]
+        lines.append(
+            f"{head} | | XLA: {_g(o['required'])} for {o['what']} | | | {_g(o['available'])} | < 0 | {comp} | | "
+            "**does not fit** |"
+        )
+        continue
+      m = r["mem"]
+      est = ""
+      if "estimate" in r:
+        e = r["estimate"]
+        est = f"{e['seconds'] * 1e3:.0f} ms, {e['tokens_per_s']:.0f} tok/s" + (
+            f", MFU {e['mfu']:.0%}" if "mfu" in e else ""
+        )
+      verdict = "fits" if r["fits"] else "**does not fit**" if r["headroom"] < 0 else "**tight**"
+      lines.append(
+          f"{head} {_g(m['argument'])} | {_g(m['output'])} | {_g(m['temp'])} | {_g(sum(r['resident'].values()))} | "
+          f"{_g(r['total_bytes'])} | {_g(rep['hbm_bytes'])} | {r['headroom']:.0%} | {comp} | {est} | {verdict} |"
+      )
+  lines += ["", "## Largest slice each config was compiled for", ""]
+  largest: dict[str, dict] = {}
+  for rep in reports:
+    if "chips" in rep and rep["chips"] >= largest.get(rep["config"], {}).get("chips", 0):
+      largest[rep["config"]] = rep
+  lines += ["| config | topology | chips | mesh (data, fsdp, tensor) | fits |", "|---|---|---|---|---|"]
+  for name, rep in largest.items():
+    lines.append(
+        f"| {name} | {rep['topology']} | {rep['chips']} | {tuple(rep['mesh'].values())} | "
+        f"{'yes' if rep['fits'] else 'no'} |"
+    )
+  chips = {}
+  for rep in reports:
+    if rep.get("chip"):
+      chips[rep["device_kind"]] = (rep["chip"], rep["hbm_bytes"])
+  lines += [
+      "",
+      "## Chips",
+      "",
+      "| device | nominal HBM | HBM XLA reports | peak bf16 | source |",
+      "|---|---|---|---|---|",
+  ]
+  for kind, (c, hbm) in chips.items():
+    lines.append(
+        f"| {kind} ({c['name']}) | {c['hbm_gib']} GiB | {_g(hbm)} GiB | {c['peak_bf16'] / 1e12:.0f} TFLOP/s | "
+        f"{c['source']} |"
+    )
+  return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+
+def main(argv):
+  del argv
+  if _DUMP.value:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP.value}").strip()
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")  # the host side; the TPU is only a compilation target
+  if _PLAN.value:
+    return 0 if write_plan(_PLAN.value, _TEXT.value, _HEADROOM.value) else 1
+  if _CONFIG.value is None or not _TOPOLOGY.value:
+    raise app.UsageError("--config and --topology are required (or --plan FILE)")
+  rep = run_one(_CONFIG.value, _TOPOLOGY.value, _TEXT.value, _IMAGES.value, _HEADROOM.value)
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(rep, f, indent=1, default=str)
+  if _DUMP.value and not rep["fits"]:
+    print_memory_reports(_DUMP.value)
+  return 0 if rep["fits"] else 1
+
+
+def print_memory_reports(folder: str, top: int = 12) -> None:
+  """The head of each *memory-usage-report.txt XLA wrote (written even when the compile ran out of HBM)."""
+  for name in sorted(os.listdir(folder)):
+    if name.endswith("memory-usage-report.txt"):
+      with open(os.path.join(folder, name)) as f:
+        head = f.read().splitlines()[: top * 3]
+      print(f"\n--- {name}\n" + "\n".join(head))
+
+
+def _main(argv):
+  try:
+    sys.exit(main(argv))
+  except SystemExit:
+    raise
+  except Exception:  # pylint: disable=broad-except
+    import traceback
+
+    traceback.print_exc()
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  app.run(_main)
