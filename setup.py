@@ -32,7 +32,9 @@ setuptools.setup(
     ],
     extras_require={
         # torch (CPU) builds the transformers reference models the tests compare against.
-        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "nbclient", "nbformat", "ipykernel"],
+        "test": ["torch==2.13.0", "pytest", "pytest-xdist", "chex", "nbclient", "nbformat", "ipykernel", "openai"],
+        # experiments/precompute_aux.py --source=openai: OpenAI, Gemini's OpenAI-compatible endpoint, vLLM, SGLang.
+        "api": ["openai"],
         # peers measured side by side by `make bench` (tunix is installed in its own venv, see Makefile).
         "bench": ["torch==2.13.0"],
     },

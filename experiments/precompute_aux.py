@@ -5,12 +5,18 @@
   --source=cot         the dataset's `cot` field as "<think>\\n{cot}\\n</think>\\n<answer>\\n{answer}\\n</answer>"
   --source=solver      synthetic data only: scripted solver, correct with probability --accuracy
   --source=checkpoint  a local HF checkpoint (--checkpoint=DIR, its own processor) through our sampler
-  --source=openai      an OpenAI-compatible endpoint (--base_url, --model, key from the env var --api_key_env)
+  --source=openai      an OpenAI-compatible endpoint (--base_url, --model, key from the env var --api_key_env) through
+                       the official `openai` client (pip install -e .[api]): OpenAI, Gemini
+                       (--base_url=https://generativelanguage.googleapis.com/v1beta/openai/), vLLM / SGLang
+                       (--base_url=http://host:8000/v1 --api_key_env=); empty or length-cut replies count as failed
+                       (not stored, asked again on a rerun); --max_failures consecutive endpoint failures stop it
 
 `--data.*` are the trainer's data keys (configs/base.py: builder, builder_config, data_dir, manual_dir, task, ...);
 give the values the training config uses so the same dataset and ids are read. Responses are written for
 --split (default data.train_split); ids of every other split of the dataset (and of data.eval_splits) are refused.
 A rerun resumes: (id, source, sample) keys already in the store are skipped (no request is sent for them).
+Writers of different --name's may fill one --store in parallel (one folder and lock per source); a second writer of
+the same name is refused with an error naming the first (pid, host).
 The summary is printed as JSON; the exit status is 1 when some responses failed.
 
 The demo's stores (configs/demo.py, sources solver_strong / solver_weak):
@@ -63,6 +69,13 @@ _KEY_ENV = flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "openai: env var
 _CONCURRENCY = flags.DEFINE_integer("concurrency", 8, "openai: requests in flight at most")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 120.0, "openai: per-attempt timeout in seconds")
 _RETRIES = flags.DEFINE_integer("max_retries", 5, "openai: retries on 408/409/429/5xx/timeouts")
+_MAX_FAILURES = flags.DEFINE_integer(
+    "max_failures",
+    10,
+    "openai: stop after this many consecutive requests failing on the endpoint (connection error, timeout, HTTP "
+    "error other than 400/413/422); 0: never",
+)
+_PROGRESS = flags.DEFINE_bool("progress", True, "openai: progress bar on stderr (done / failed / skipped)")
 
 
 def refused_ids(builder, dcfg, split: str) -> set[str]:
@@ -137,7 +150,13 @@ def run() -> dict:
   if not (_BASE_URL.value and _MODEL.value):
     raise app.UsageError("--source=openai needs --base_url and --model")
   endpoint = aux_sources.Endpoint(
-      _BASE_URL.value, _MODEL.value, _KEY_ENV.value, _CONCURRENCY.value, _TIMEOUT.value, _RETRIES.value
+      base_url=_BASE_URL.value,
+      model=_MODEL.value,
+      api_key_env=_KEY_ENV.value,
+      concurrency=_CONCURRENCY.value,
+      timeout_s=_TIMEOUT.value,
+      max_retries=_RETRIES.value,
+      max_failures=_MAX_FAILURES.value,
   )
   return aux_sources.write_from_openai(
       examples,
@@ -151,6 +170,7 @@ def run() -> dict:
       seed=seed if seed >= 0 else None,
       templates=templates,
       refuse_ids=refuse,
+      progress=_PROGRESS.value,
   )
 
 

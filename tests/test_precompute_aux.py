@@ -17,7 +17,7 @@ from PIL import Image
 from ekipl_jax.data import aux_sources as A
 from ekipl_jax.data import processor as P
 from ekipl_jax.data import synthetic as S
-from ekipl_jax.sampling.aux_store import ContaminationError, open_store
+from ekipl_jax.data.aux_store import ContaminationError, open_store
 
 CFG = S.SceneConfig(seed=3)
 
@@ -198,11 +198,14 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
 # ---------------------------------------------------------------------------------------------- (c) openai endpoint
 class FakeOpenAI:
   """A chat-completions server on 127.0.0.1 (ephemeral port). `script[question key]` lists the reply of each
-  attempt: "ok", an HTTP error status ("500", "400", "429" with Retry-After: 0) or "sleep" (longer than the client
-  timeout); after the list runs out, "ok"."""
+  attempt: "ok", an HTTP error status ("500", "400", "429" with Retry-After: 0), "sleep" (longer than the client
+  timeout), "empty" (content "") or "length" (finish_reason "length"); after the list runs out, "ok". A key that is
+  not in the script gets `default` on every attempt."""
 
-  def __init__(self, script: dict[str, list[str]] | None = None, delay_s: float = 0.0, sleep_s: float = 1.0):
-    self.script, self.delay_s, self.sleep_s = script or {}, delay_s, sleep_s
+  def __init__(
+      self, script: dict[str, list[str]] | None = None, delay_s: float = 0.0, sleep_s: float = 1.0, default: str = "ok"
+  ):
+    self.script, self.delay_s, self.sleep_s, self.default = script or {}, delay_s, sleep_s, default
     self.requests: dict[str, int] = {}
     self.problems: list[str] = []
     self.in_flight = self.max_in_flight = 0
@@ -251,7 +254,7 @@ class FakeOpenAI:
       attempt = self.requests.get(key, 0)
       self.requests[key] = attempt + 1
     plan = self.script.get(key, [])
-    action = plan[attempt] if attempt < len(plan) else "ok"
+    action = plan[attempt] if attempt < len(plan) else "ok" if key in self.script else self.default
     time.sleep(self.delay_s)
     if action == "sleep":
       time.sleep(self.sleep_s)
@@ -265,8 +268,11 @@ class FakeOpenAI:
           "choices": [
               {
                   "index": 0,
-                  "finish_reason": "stop",
-                  "message": {"role": "assistant", "content": f"<think>\n{key}\n</think>\n<answer>\n3\n</answer>"},
+                  "finish_reason": "length" if action == "length" else "stop",
+                  "message": {
+                      "role": "assistant",
+                      "content": "" if action == "empty" else f"<think>\n{key}\n</think>\n<answer>\n3\n</answer>",
+                  },
               }
           ],
           "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
@@ -311,7 +317,7 @@ def serve(monkeypatch):
 
 
 def _endpoint(server: FakeOpenAI, **kw) -> A.Endpoint:
-  kw = {"api_key_env": "TEST_OPENAI_KEY", "concurrency": 4, "timeout_s": 0.4, "max_retries": 2, "backoff_s": 0.01, **kw}
+  kw = {"api_key_env": "TEST_OPENAI_KEY", "concurrency": 4, "timeout_s": 0.4, "max_retries": 2, **kw}
   return A.Endpoint(server.base_url, "test-model", **kw)
 
 
@@ -343,8 +349,9 @@ def test_openai_errors_retries_and_timeouts(tmp_path, serve):
     )
     assert p["response_id"] == "chatcmpl-q1-1" and p["attempts"] == 2 and p["finish_reason"] == "stop"
     assert p["usage"]["total_tokens"] == 15
-  for name in os.listdir(root):  # the key is never written
-    assert b"sk-test-123" not in open(os.path.join(root, name), "rb").read()
+  for folder, _, names in os.walk(root):  # the key is never written
+    for name in names:
+      assert b"sk-test-123" not in open(os.path.join(folder, name), "rb").read()
 
 
 def test_openai_resume_and_bounded_concurrency(tmp_path, serve):

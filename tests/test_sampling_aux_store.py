@@ -29,21 +29,23 @@ def test_roundtrip_and_format(tmp_path):
     assert w.append(_resp(1, source="gemini", behaviour_logprobs=[-0.1, -0.2], behaviour_tokenizer="qwen2"))
   meta = json.load(open(os.path.join(root, "meta.json")))
   assert meta["format_version"] == aux_store.FORMAT_VERSION
-  assert sorted(os.listdir(root)) == [
-      "meta.json",
+  assert sorted(os.listdir(root)) == ["meta.json", "sources"]
+  assert sorted(os.listdir(os.path.join(root, "sources"))) == ["gemini", "gpt-4o"]  # one folder per source
+  assert sorted(os.listdir(aux_store.source_dir(root, "gpt-4o"))) == [
       "shard-00000.idx",
       "shard-00000.jsonl",
       "shard-00001.idx",
       "shard-00001.jsonl",
+      "writer.lock",
   ]
   store = AuxStore(root)
   assert len(store) == 5 and store.num_records() == 6 and store.sources() == ["gemini", "gpt-4o"]
   got = store.get("ex1")
-  assert [r.source for r in got] == ["gpt-4o", "gemini"]
-  assert got[1].behaviour_logprobs == [-0.1, -0.2] and got[1].behaviour_tokenizer == "qwen2"
-  assert got[0].text == "<think>t1</think><answer>1</answer>" and got[0].sampling == {"temperature": 0.7}
-  assert got[0].created_at  # filled on write
-  assert store.get("ex1", source="gemini") == [got[1]]
+  assert [r.source for r in got] == ["gemini", "gpt-4o"]  # by source folder, each source in write order
+  assert got[0].behaviour_logprobs == [-0.1, -0.2] and got[0].behaviour_tokenizer == "qwen2"
+  assert got[1].text == "<think>t1</think><answer>1</answer>" and got[1].sampling == {"temperature": 0.7}
+  assert got[1].created_at  # filled on write
+  assert store.get("ex1", source="gemini") == [got[0]]
   assert store.get("nope") == [] and "nope" not in store and "ex3" in store
 
 
@@ -52,7 +54,7 @@ def test_lookup_reads_only_the_index_and_the_record(tmp_path):
   with AuxStoreWriter(root) as w:
     for i in range(200):
       w.append(_resp(i))
-  data = os.path.join(root, "shard-00000.jsonl")
+  data = os.path.join(aux_store.source_dir(root, "gpt-4o"), "shard-00000.jsonl")
   # Corrupt every record but ex7 in place (same lengths): a lookup that parsed the whole file would fail.
   lines = open(data, "rb").read().split(b"\n")
   lines = [ln if b'"ex7"' in ln else b"#" * len(ln) for ln in lines]
@@ -71,7 +73,7 @@ def test_malformed_record_names_id_and_file(tmp_path):
   with AuxStoreWriter(root) as w:
     w.append(_resp(0))
     w.append(_resp(1))
-  data = os.path.join(root, "shard-00000.jsonl")
+  data = os.path.join(aux_store.source_dir(root, "gpt-4o"), "shard-00000.jsonl")
   lines = open(data).read().splitlines()
   lines[1] = lines[1].replace('"text": "', '"texx": "')  # a missing field; same byte length as indexed
   open(data, "w").write("\n".join(lines) + "\n")
@@ -101,7 +103,7 @@ def test_torn_index_line_is_ignored(tmp_path):
   with AuxStoreWriter(root) as w:
     w.append(_resp(0))
     w.append(_resp(1))
-  idx = os.path.join(root, "shard-00000.idx")
+  idx = os.path.join(aux_store.source_dir(root, "gpt-4o"), "shard-00000.idx")
   raw = open(idx, "rb").read()
   open(idx, "wb").write(raw[:-3])  # crash mid index write
   store = AuxStore(root)
