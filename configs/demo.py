@@ -44,7 +44,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.eval_splits = ("test_id", "test_ood")  # evaluated periodically and at the end
   c.data.eval_scorer = "clevr-math"  # rewards.score() split rule used for synthetic splits
   c.data.num_train = 3000  # synthetic examples per split (train)
-  c.data.num_test = 200  # synthetic examples per test split
+  c.data.num_test = 256  # synthetic examples per test split (all evaluated)
+  c.data.synthetic_seed = 0  # generator seed (another seed gives fresh scenes: a validation set for tuning)
+  c.data.teacher_blind = "small cylinder"  # the SFT teacher misses these objects (see ekipl_jax/data/synthetic.py)
+  c.data.teacher_miss_rate = 0.8  # probability that it misses each one (train split; tests stay truthful)
   c.data.image_size = 112  # pixels per side (8 x 8 patches of 14 px, 16 merged tokens)
   c.data.min_pixels = 112 * 112  # image processor bounds (keep images at their size)
   c.data.max_pixels = 112 * 112
@@ -75,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.aux.sources = ("solver_strong", "solver_weak")  # scripted external models: perfect and 60%-accurate solvers
 
   c.eval.every = 10  # RL steps between evaluations
-  c.eval.num_examples = 64  # examples per eval split
+  c.eval.num_examples = 256  # examples per eval split
   c.eval.batch_size = 64  # one generation batch per split
   c.eval.max_new_tokens = 160  # OOD scenes (7-9 objects) need longer chains of thought
   c.data.data_dir = "results/tfds"  # TFDS folder for the generated dataset

@@ -151,7 +151,7 @@ def write_from_solver(
             "kind": "scripted_solver",
             "model": f"synthetic.noisy_solve(accuracy={accuracy})",
             "answer": str(answer),
-            "correct": str(answer) == ex["answer"],
+            "correct": str(answer) == ex.get("solution", ex["answer"]),  # ground truth, not the SFT teacher's
             "prompt": prompt_provenance(ex, None),
         }
         written += w.append(

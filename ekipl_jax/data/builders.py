@@ -183,6 +183,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   min_objects: int = 2  # in-distribution object range
   max_objects: int = 6
   ood_max_objects: int = 9  # test_ood: [max_objects + 1, ood_max_objects] objects + held-out colour-shapes
+  teacher_blind: str = ""  # train split: objects the flawed SFT teacher misses, e.g. "small cylinder" (see synthetic)
+  teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object
 
   def scene_config(self) -> synthetic.SceneConfig:
     return synthetic.SceneConfig(
@@ -192,13 +194,15 @@ class SyntheticConfig(tfds.core.BuilderConfig):
         min_objects=self.min_objects,
         max_objects=self.max_objects,
         ood_max_objects=self.ood_max_objects,
+        teacher_blind=self.teacher_blind,
+        teacher_miss_rate=self.teacher_miss_rate,
     )
 
 
 class SyntheticReasoning(tfds.core.GeneratorBasedBuilder):
   """CLEVR-Math-like counting scenes generated offline from a seed (see ekipl_jax.data.synthetic)."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: enumerated chain of thought, optional flawed teacher
   BUILDER_CONFIGS = [SyntheticConfig(name="default", description="112 px, 2-6 objects, OOD 7-9")]
 
   def __init__(self, **kwargs):

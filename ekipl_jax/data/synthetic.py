@@ -8,6 +8,15 @@ Splits (documented contract, checked by tests):
   train, test_id : num objects in [min_objects, max_objects]; colour-shape pairs in HELD_OUT_PAIRS never appear.
   test_ood       : num objects in [max_objects + 1, ood_max_objects] AND every scene has >= 1 held-out pair.
 Everything is a pure function of (config, split, index): rng = numpy Generator seeded by (seed, split, index).
+
+The chain of thought enumerates the objects one per line ("3. small red cube"), so the count is the last index.
+
+A flawed SFT teacher (optional, train split only): with `teacher_blind` set (e.g. "small cylinder"), the scripted
+solver that writes the training records' chain of thought misses each object of that kind with probability
+`teacher_miss_rate` (it neither lists nor counts it). Such a record's `cot` and `answer` are the teacher's (the SFT
+target), its `solution` stays the ground truth (what the RL reward checks); the test splits are always truthful.
+This is the situation Vision-EKIPL is built for: SFT teaches the policy a systematic error that it then rarely samples
+its way out of, while an external solver that sees every object carries the missing knowledge.
 """
 
 import dataclasses
@@ -17,6 +26,8 @@ import zlib
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ekipl_jax.data import processor
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -45,6 +56,8 @@ class SceneConfig:
   max_objects: int = 6
   ood_max_objects: int = 9  # test_ood draws counts in [max_objects + 1, ood_max_objects]
   question_kinds: tuple[str, ...] = QUESTION_KINDS
+  teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "small cylinder" ("" = a perfect teacher)
+  teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object (train split only)
 
   @property
   def grid(self) -> int:
@@ -153,18 +166,15 @@ def answer_of(objects: list[dict], question: dict) -> int:
   ]
 
 
-def _describe(objects: list[dict]) -> str:
-  counts: dict[str, int] = {}
-  for o in objects:
-    key = f"{o['size']} {o['color']} {o['shape']}"
-    counts[key] = counts.get(key, 0) + 1
-  return ", ".join(f"{v} {k}" + ("s" if v > 1 else "") for k, v in counts.items())
+def _enumerate(objects: list[dict]) -> list[str]:
+  """One line per object in reading order, numbered: the last number is the count."""
+  return [f"{i}. {o['size']} {o['color']} {o['shape']}" for i, o in enumerate(objects, 1)]
 
 
 def write_cot(objects: list[dict], question: dict, n_seen: int, m_seen: int) -> tuple[str, int]:
-  """Chain of thought from the counts the solver believes it saw; returns (cot, final answer)."""
+  """Chain of thought from the objects the solver lists and the counts it believes it saw; (cot, final answer)."""
   kind, filt, k = question["kind"], question["filter"], question["k"]
-  lines = [f"I count the objects in the image: {_describe(objects)}.", f"In total there are {n_seen} objects."]
+  lines = ["I list the objects in the image:", *_enumerate(objects), f"In total there are {n_seen} objects."]
   if kind == "count":
     return "\n".join(lines + [f"So there are {n_seen} objects."]), n_seen
   if kind == "subtract_all":
@@ -184,6 +194,26 @@ def solve(objects: list[dict], question: dict) -> tuple[str, int]:
   return write_cot(objects, question, len(objects), sum(matches(o, question["filter"]) for o in objects))
 
 
+def parse_blind(blind: str) -> dict:
+  """ "small cylinder" -> {"size": "small", "shape": "cylinder"}: the filter of objects a flawed teacher misses."""
+  filt = {}
+  for word in blind.split():
+    key = "size" if word in SIZES else "color" if word in COLORS else "shape" if word in SHAPES else None
+    if key is None or key in filt:
+      raise ValueError(f"teacher_blind {blind!r}: {word!r} is not a size {SIZES}, colour or shape {SHAPES} (once each)")
+    filt[key] = word
+  return filt
+
+
+def teacher_solve(
+    objects: list[dict], question: dict, blind: dict, miss_rate: float, rng: np.random.Generator
+) -> tuple[str, int]:
+  """A flawed scripted solver: each object matching `blind` is missed with probability miss_rate (not listed, not
+  counted, also not among the question's matches); otherwise it reasons like `solve`."""
+  seen = [o for o in objects if not (blind and matches(o, blind) and rng.random() < miss_rate)]
+  return write_cot(seen, question, len(seen), sum(matches(o, question["filter"]) for o in seen))
+
+
 def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.random.Generator) -> tuple[str, int]:
   """Correct with probability `accuracy`; otherwise it miscounts (plausible reasoning, wrong final answer)."""
   n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
@@ -196,8 +226,8 @@ def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.ra
 
 
 def format_response(cot: str, answer: int | str) -> str:
-  """The Reason-RFT CoT-SFT target."""
-  return f"<think>\n{cot}\n</think>\n<answer>\n{answer}\n</answer>"
+  """The Reason-RFT CoT-SFT target (processor.sft_target, the one the SFT stage trains on)."""
+  return processor.sft_target(cot, str(answer))
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -208,15 +238,20 @@ def make_example(cfg: SceneConfig, split: str, index: int) -> dict:
   rng = _rng(cfg, split, index)
   objects = sample_scene(cfg, split, rng)
   question = sample_question(cfg, objects, rng)
-  cot, ans = solve(objects, question)
+  truth = answer_of(objects, question)
+  if split == "train" and cfg.teacher_blind and cfg.teacher_miss_rate > 0:  # own stream: the scene stays the same
+    teacher_rng = np.random.default_rng([cfg.seed, zlib.crc32(b"teacher"), index])
+    cot, ans = teacher_solve(objects, question, parse_blind(cfg.teacher_blind), cfg.teacher_miss_rate, teacher_rng)
+  else:
+    cot, ans = solve(objects, question)
   ex_id = f"{split}-{index:06d}"
   meta = {"objects": objects, "question": question, "image_size": cfg.image_size, "cell": cfg.cell}
   return {
       "id": ex_id,
       "image": f"{split}/{ex_id}.png",
       "problem": question["text"],
-      "answer": str(ans),
-      "solution": str(ans),
+      "answer": str(ans),  # the SFT target's answer (the teacher's)
+      "solution": str(truth),  # the ground truth (the RL reward's)
       "cot": cot,
       "task": "counting",
       "metadata": json.dumps(meta, sort_keys=True),

@@ -24,9 +24,13 @@ def _expand(path: str) -> str:
 def prepare(dcfg) -> tfds.core.DatasetBuilder:
   """Builds (once) the TFDS dataset that the config names; a later call just opens it."""
   if dcfg.builder == "synthetic_reasoning":
+    blind, miss = str(dcfg.get("teacher_blind", "")), float(dcfg.get("teacher_miss_rate", 0.0))
+    teacher = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
     scfg = builders.SyntheticConfig(
-        name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}",
+        name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{teacher}",
         seed=int(dcfg.get("synthetic_seed", 0)),
+        teacher_blind=blind,
+        teacher_miss_rate=miss,
         num_train=int(dcfg.num_train),
         num_test_id=int(dcfg.num_test),
         num_test_ood=int(dcfg.num_test),
