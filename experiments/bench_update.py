@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ekipl_jax import models
+from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import config as rl_config
 from ekipl_jax.rl import update
 from ekipl_jax.sampling.generate import count_compilations
@@ -104,7 +105,7 @@ def device_peak() -> tuple[str, float | None]:
   return kind, None
 
 
-def make_batch(model, B: int, P: int, C: int, prompt_len: int | None = None, seed: int = 0) -> dict:
+def make_batch(model, B: int, P: int, C: int, prompt_len: int | None = None, seed: int = 0) -> rl_batch.UpdateBatch:
   """Rows of `prompt_len` real prompt tokens left padded to P, then C completion tokens (all real)."""
   rng = np.random.default_rng(seed)
   n = P if prompt_len is None else prompt_len
@@ -113,11 +114,12 @@ def make_batch(model, B: int, P: int, C: int, prompt_len: int | None = None, see
   prompt_ids_BP[:, P - n :] = rng.integers(1, model.config.vocab_size - 1, (B, n))
   prompt_mask_BP[:, P - n :] = 1
   completion_BC = rng.integers(1, model.config.vocab_size - 1, (B, C)).astype(np.int32)
-  batch = batching.rows_batch(model, prompt_ids_BP, prompt_mask_BP, completion_BC, np.ones((B, C), np.int32))
-  batch.update(
-      advantages=rng.normal(size=B).astype(np.float32),
-      is_external=np.zeros(B, bool),
-      ref_logp=np.log(rng.uniform(1e-4, 1e-3, (B, C))).astype(np.float32),
+  rows = batching.rows_batch(model, prompt_ids_BP, prompt_mask_BP, completion_BC, np.ones((B, C), np.int32))
+  batch = rl_batch.from_rows(
+      rows,
+      A_R=rng.normal(size=B).astype(np.float32),
+      is_external_R=np.zeros(B, bool),
+      ref_logp_RC=np.log(rng.uniform(1e-4, 1e-3, (B, C))).astype(np.float32),
   )
   return jax.tree.map(jnp.asarray, batch)
 

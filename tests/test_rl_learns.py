@@ -20,6 +20,7 @@ import pytest
 
 from ekipl_jax import models, sampling
 from ekipl_jax.rl import advantages, config, selection, update
+from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.sampling import groups as groups_lib
 from ekipl_jax.sampling.aux_store import AuxResponse
 from ekipl_jax.train import batching
@@ -131,10 +132,10 @@ def rl_step(model, train_step, state, cfg, store, ids_BP, mask_BP, step: int):
   r_R = np.array([reward(t) for t in g.texts])
   keep, _ = selection.select(r_R, g.source_R, g.prompt_index_R, cfg)
   A_K = advantages.compute(r_R[keep], g.prompt_index_R[keep], g.source_R[keep], cfg)
-  batch = batching.rows_batch(
+  rows = batching.rows_batch(
       model, g.prompt_ids_RP[keep], g.prompt_mask_RP[keep], g.completion_ids_RC[keep], g.completion_mask_RC[keep]
   )
-  batch.update(advantages=A_K, is_external=g.source_R[keep] > 0)
+  batch = rl_batch.from_rows(rows, A_R=A_K, is_external_R=g.source_R[keep] > 0)
   state, _ = train_step(state, jax.tree.map(jnp.asarray, batch))
   return state, float(r_R[g.source_R == 0].mean())
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ekipl_jax.rl import config, loss
+from ekipl_jax.rl.batch import UpdateBatch
 
 
 @pytest.fixture(autouse=True)
@@ -70,20 +71,20 @@ def np_loss(d, cfg):
   return per_seq.mean()
 
 
+def batch_of(d, cfg) -> UpdateBatch:
+  return UpdateBatch(
+      mask_RC=d["mask"],
+      A_R=d["A"],
+      is_external_R=d["ext"],
+      behaviour_logp_RC=d["beh"],
+      has_behaviour_R=d["has_beh"],
+      ref_logp_RC=d["ref"] if cfg.beta else None,
+  )
+
+
 def jax_loss(d, cfg, logp=None):
   logp = jnp.asarray(d["logp"]) if logp is None else logp
-  return loss.grpo_loss(
-      logp,
-      d["old"],
-      d["ref"] if cfg.beta else None,
-      d["A"],
-      d["mask"],
-      d["ext"],
-      d["beh"],
-      cfg,
-      has_behaviour_B=d["has_beh"],
-      entropy_BC=d["ent"],
-  )
+  return loss.grpo_loss(logp, d["old"], batch_of(d, cfg), cfg, entropy_BC=d["ent"])
 
 
 @pytest.mark.parametrize("aggregation,treatment", list(itertools.product(loss.AGGREGATIONS, loss.TREATMENTS)))
@@ -114,7 +115,7 @@ def test_kl_estimators_and_beta_zero(kl):
   np.testing.assert_allclose(loss_sum0 / denom0, np_loss(d, cfg0), rtol=1e-5)
   assert "sum/kl" not in aux0
   with pytest.raises(ValueError):
-    loss.grpo_loss(d["logp"], d["old"], None, d["A"], d["mask"], d["ext"], None, cfg)
+    loss.grpo_loss(d["logp"], d["old"], UpdateBatch(mask_RC=d["mask"], A_R=d["A"], is_external_R=d["ext"]), cfg)
 
 
 def _grad_per_token(d, cfg):
@@ -179,10 +180,12 @@ def _one_token(logp, old, beh, A, treatment):
   cfg = _cfg(beta=0.0, aggregation="token_mean", external_treatment=treatment, is_max=2.0)
   f32 = lambda x: jnp.full((1, 1), x, jnp.float32)
 
+  batch = UpdateBatch(
+      mask_RC=f32(1.0), A_R=jnp.array([A], jnp.float32), is_external_R=jnp.array([True]), behaviour_logp_RC=f32(beh)
+  )
+
   def f(lp):
-    s, d, _ = loss.grpo_loss(
-        lp, f32(old), None, jnp.array([A], jnp.float32), f32(1.0), jnp.array([True]), f32(beh), cfg
-    )
+    s, d, _ = loss.grpo_loss(lp, f32(old), batch, cfg)
     return s / d
 
   value, grad = jax.value_and_grad(f)(f32(logp))

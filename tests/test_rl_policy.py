@@ -9,15 +9,16 @@ import optax
 
 from ekipl_jax import models, sharding
 from ekipl_jax.rl import update
+from ekipl_jax.rl.batch import UpdateBatch
 from hf_fixtures import TEXT_VOCAB, tiny_config_dict
 from test_rl_update import rl_cfg
 
 B, P, C = 8, 4, 5
 
 
-def _logprob_fn(model, params, batch):
+def _logprob_fn(model, params, inputs):
   return models.token_logprobs(
-      model, params, batch["input_ids"], batch["attention_mask"], targets_from=P + 0, chunk_size=4
+      model, params, inputs["input_ids"], inputs["attention_mask"], targets_from=P + 0, chunk_size=4
   )
 
 
@@ -25,14 +26,16 @@ def _batch(seed=0):
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, C + 1, B)
   mask = (np.arange(C)[None] < lengths[:, None]).astype(np.float32)
-  return {
-      "input_ids": rng.integers(3, TEXT_VOCAB, (B, P + C)).astype(np.int32),
-      "attention_mask": np.concatenate([np.ones((B, P), np.int32), mask.astype(np.int32)], 1),
-      "mask": mask,
-      "advantages": rng.normal(0, 1, B).astype(np.float32),
-      "is_external": np.arange(B) % 4 == 3,
-      "ref_logp": np.full((B, C), -5.0, np.float32),
-  }
+  return UpdateBatch(
+      inputs={
+          "input_ids": rng.integers(3, TEXT_VOCAB, (B, P + C)).astype(np.int32),
+          "attention_mask": np.concatenate([np.ones((B, P), np.int32), mask.astype(np.int32)], 1),
+      },
+      mask_RC=mask,
+      A_R=rng.normal(0, 1, B).astype(np.float32),
+      is_external_R=np.arange(B) % 4 == 3,
+      ref_logp_RC=np.full((B, C), -5.0, np.float32),
+  )
 
 
 def _run(model, params, cfg, batch, mesh=None):

@@ -12,6 +12,7 @@ import pytest
 
 from ekipl_jax import sharding
 from ekipl_jax.rl import config, loss, update
+from ekipl_jax.rl.batch import UpdateBatch
 
 V, D, P, C = 13, 8, 3, 6
 
@@ -31,8 +32,8 @@ def toy_params(seed: int = 0) -> dict:
   }
 
 
-def toy_logprob_fn(params, batch):
-  ids_BT = batch["input_ids"]
+def toy_logprob_fn(params, inputs):
+  ids_BT = inputs["input_ids"]
   logits_BTV = params["embed"][ids_BT[:, :-1]] @ params["w"] + params["b"][None, None]
   logp_BTV = jax.nn.log_softmax(logits_BTV)
   logp_BT = jnp.take_along_axis(logp_BTV, ids_BT[:, 1:, None], axis=-1)[..., 0]
@@ -40,18 +41,19 @@ def toy_logprob_fn(params, batch):
   return logp_BT[:, -C:], entropy_BT[:, -C:]
 
 
-def toy_batch(seed: int = 0, B: int = 16) -> dict:
+def toy_batch(seed: int = 0, B: int = 16, **replace) -> UpdateBatch:
   rng = np.random.default_rng(seed)
   lengths = rng.integers(1, C + 1, B)
-  return {
-      "input_ids": rng.integers(0, V, (B, P + C)).astype(np.int32),
-      "mask": (np.arange(C)[None] < lengths[:, None]).astype(np.float32),
-      "advantages": rng.normal(0, 1, B).astype(np.float32),
-      "is_external": (np.arange(B) % 4 == 3),
-      "ref_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
-      "behaviour_logp": np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
-      "has_behaviour": (np.arange(B) % 8 == 3),
-  }
+  batch = UpdateBatch(
+      inputs={"input_ids": rng.integers(0, V, (B, P + C)).astype(np.int32)},
+      mask_RC=(np.arange(C)[None] < lengths[:, None]).astype(np.float32),
+      A_R=rng.normal(0, 1, B).astype(np.float32),
+      is_external_R=(np.arange(B) % 4 == 3),
+      ref_logp_RC=np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+      behaviour_logp_RC=np.log(rng.uniform(0.02, 0.3, (B, C))).astype(np.float32),
+      has_behaviour_R=(np.arange(B) % 8 == 3),
+  )
+  return batch.replace(**replace)
 
 
 def rl_cfg(**kw):
@@ -103,18 +105,8 @@ def test_step_gradient_matches_direct_grad():
   params = jax.tree.map(jnp.asarray, toy_params())
 
   def direct(p):
-    logp, ent = toy_logprob_fn(p, batch)
-    s, d, _ = loss.grpo_loss(
-        logp,
-        logp,
-        batch["ref_logp"],
-        batch["advantages"],
-        batch["mask"],
-        batch["is_external"],
-        None,
-        cfg,
-        entropy_BC=ent,
-    )
+    logp, ent = toy_logprob_fn(p, batch.inputs)
+    s, d, _ = loss.grpo_loss(logp, logp, batch.replace(behaviour_logp_RC=None), cfg, entropy_BC=ent)
     return s / d
 
   g = jax.grad(direct)(params)
@@ -128,8 +120,8 @@ def test_mu_epochs_fix_old_logp():
   cfg2, batch = rl_cfg(mu=2, micro_batches=2, external_treatment="importance"), toy_batch(3)
   opt = optax.adam(0.05)
   p2, m2, s2 = run_steps(cfg2, batch, optimizer=opt)
-  old = np.asarray(toy_logprob_fn(jax.tree.map(jnp.asarray, toy_params()), batch)[0])
-  manual = dict(batch, old_logp=old)
+  old = np.asarray(toy_logprob_fn(jax.tree.map(jnp.asarray, toy_params()), batch.inputs)[0])
+  manual = batch.replace(old_logp_RC=old)
   cfg1 = rl_cfg(mu=1, micro_batches=2, external_treatment="importance")
   p1, m1, s1 = run_steps(cfg1, manual, n_steps=2, optimizer=opt)
   _close(p2, p1, rtol=1e-5, atol=1e-6)
@@ -139,7 +131,7 @@ def test_mu_epochs_fix_old_logp():
 
 def test_non_finite_skips_update():
   cfg, batch = rl_cfg(micro_batches=2), toy_batch(4)
-  batch["advantages"][5] = np.nan
+  batch.A_R[5] = np.nan
   opt = optax.adam(0.1)
   p, m, s = run_steps(cfg, batch, n_steps=2, optimizer=opt)
   _close(p, toy_params(), rtol=0, atol=0)
@@ -150,8 +142,7 @@ def test_non_finite_skips_update():
 
 
 def test_beta_zero_needs_no_reference():
-  cfg, batch = rl_cfg(beta=0.0), toy_batch(5)
-  del batch["ref_logp"]
+  cfg, batch = rl_cfg(beta=0.0), toy_batch(5, ref_logp_RC=None)
   p, m, _ = run_steps(cfg, batch)
   assert np.isfinite(m[0]["loss"]) and "kl" not in m[0]
 

@@ -35,6 +35,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from ekipl_jax.rl.batch import UpdateBatch
+
 Array = jax.Array
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 TREATMENTS = ("paper", "luffy", "importance", "importance_tis", "rlplus")
@@ -84,20 +86,17 @@ def _masked_stats(x_BC: Array, m_BC: Array, name: str) -> dict[str, Array]:
 def grpo_loss(
     logp_BC: Array,
     old_logp_BC: Array,
-    ref_logp_BC: Optional[Array],
-    A_B: Array,
-    mask_BC: Array,
-    is_external_B: Array,
-    behaviour_logp_BC: Optional[Array],
+    batch: UpdateBatch,
     cfg,
     *,
-    has_behaviour_B: Optional[Array] = None,
     entropy_BC: Optional[Array] = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
   """Returns (loss_sum, denom, aux); loss = loss_sum / denom (to minimise). See the module docstring."""
   if cfg.external_treatment not in TREATMENTS:
     raise ValueError(f"unknown external_treatment {cfg.external_treatment!r}")
   f32 = jnp.float32
+  mask_BC, A_B, is_external_B = batch.mask_RC, batch.A_R, batch.is_external_R
+  ref_logp_BC, behaviour_logp_BC, has_behaviour_B = batch.ref_logp_RC, batch.behaviour_logp_RC, batch.has_behaviour_R
   m_BC = mask_BC.astype(f32)
   valid_BC = m_BC > 0
   logp_BC = jnp.where(valid_BC, logp_BC.astype(f32), 0.0)

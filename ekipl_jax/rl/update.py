@@ -3,13 +3,9 @@
   train_step = make_train_step(logprob_fn, optimizer, cfg)      # jax.jit(..., donate_argnames=("state",))
   state, metrics = train_step(state, batch)
 
-logprob_fn(params, batch) -> (logp_BC, entropy_BC or None): teacher-forced log-probs of the completion tokens.
-batch: a dict of arrays. The step reads
-  mask [B, C], advantages [B], is_external [B]                         (required)
-  ref_logp [B, C]       (needed when beta != 0)         behaviour_logp [B, C], has_behaviour [B]  ('importance')
-  old_logp [B, C]       (optional: pi_old; otherwise the policy's log-probs before the first inner update)
-and hands the whole dict (sliced per micro-batch) to logprob_fn. Every leaf's leading axis must be B or a multiple
-n*B whose row b owns entries b*n .. b*n+n-1 (e.g. per-row image patches).
+logprob_fn(params, inputs) -> (logp_BC, entropy_BC or None): teacher-forced log-probs of the completion tokens, from
+the policy's row inputs (batch.inputs, sliced per micro-batch). batch: an UpdateBatch (rl/batch.py), whose fields say
+what the step reads and when each optional one is needed.
 
 Exactness: each micro-batch contributes grad(loss_sum_k); the step divides the sum by sum(denom_k), the big-batch
 denominator (loss.py), so k micro-batches give the big-batch loss and gradient up to float summation order.
@@ -21,7 +17,7 @@ were (so the optimizer's count and the lr schedule do not advance) and state.ski
 state.step counts train_step calls (batches consumed) and advances whether or not an update was applied; with
 mu > 1 each inner epoch is its own update and is skipped (or not) on its own.
 
-Optional batch key sampler_logp [B, C]: the sampler's log-probs of the policy rows' tokens; then the metrics hold
+Optional batch.sampler_logp_RC: the sampler's log-probs of the policy rows' tokens; then the metrics hold
 sampler_logp_diff (mean |trainer - sampler| over policy tokens) and its max, a health check of the two code paths.
 
 Metrics: loss and grad_norm (global, before clipping) are means over the mu inner epochs (loss_first_epoch is the
@@ -38,6 +34,7 @@ import numpy as np
 import optax
 
 from ekipl_jax.rl import loss as rl_loss
+from ekipl_jax.rl.batch import UpdateBatch
 
 Array = jax.Array
 LogprobFn = Callable[[Any, dict], tuple[Array, Optional[Array]]]
@@ -83,9 +80,9 @@ def make_optimizer(ocfg) -> optax.GradientTransformation:
   return adamw
 
 
-def _split(batch: dict, k: int) -> dict:
+def _split(batch: UpdateBatch, k: int) -> UpdateBatch:
   """[B*n, ...] -> [k, (B/k)*n, ...]; micro-batch j gets rows j, j+k, ... (each row's n entries together)."""
-  B = batch["mask"].shape[0]
+  B = batch.num_rows
   if B % k:
     raise ValueError(f"batch rows {B} not divisible by micro_batches {k}")
 
@@ -104,28 +101,17 @@ def _init_aux(shapes: dict) -> dict:
 
 def make_train_step(
     logprob_fn: LogprobFn, optimizer: optax.GradientTransformation, cfg, *, state_sharding: Any = None
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+) -> Callable[[TrainState, UpdateBatch], tuple[TrainState, dict]]:
   """cfg: the rl config (loss fields, mu, micro_batches). state_sharding: optional out-sharding of the state."""
   k, mu = int(cfg.micro_batches), int(cfg.mu)
 
-  def mb_loss(params, mb: dict, old_logp_BC: Optional[Array]):
-    logp_BC, ent_BC = logprob_fn(params, mb)
+  def mb_loss(params, mb: UpdateBatch, old_logp_BC: Optional[Array]):
+    logp_BC, ent_BC = logprob_fn(params, mb.inputs)
     old = logp_BC if old_logp_BC is None else old_logp_BC  # mu == 1: pi_old == pi_theta numerically, rho == 1
-    loss_sum, denom, aux = rl_loss.grpo_loss(
-        logp_BC,
-        old,
-        mb.get("ref_logp"),
-        mb["advantages"],
-        mb["mask"],
-        mb["is_external"],
-        mb.get("behaviour_logp"),
-        cfg,
-        has_behaviour_B=mb.get("has_behaviour"),
-        entropy_BC=ent_BC,
-    )
-    if "sampler_logp" in mb:  # health check (as lmpo logs): sampler vs trainer log-probs of the policy's own tokens
-      m_BC = (mb["mask"] * (1 - mb["is_external"].astype(mb["mask"].dtype))[:, None]).astype(jnp.float32)
-      diff_BC = jnp.abs(jax.lax.stop_gradient(logp_BC) - mb["sampler_logp"])
+    loss_sum, denom, aux = rl_loss.grpo_loss(logp_BC, old, mb, cfg, entropy_BC=ent_BC)
+    if mb.sampler_logp_RC is not None:  # health check (as lmpo logs): sampler vs trainer log-probs of policy tokens
+      m_BC = (mb.mask_RC * (1 - mb.is_external_R.astype(mb.mask_RC.dtype))[:, None]).astype(jnp.float32)
+      diff_BC = jnp.abs(jax.lax.stop_gradient(logp_BC) - mb.sampler_logp_RC)
       aux = {
           **aux,
           "sum/sampler_diff": jnp.sum(diff_BC * m_BC),
@@ -134,7 +120,7 @@ def make_train_step(
       }
     return loss_sum, (denom, aux)
 
-  def accumulate(params, mbs: dict, old_kBC: Optional[Array]):
+  def accumulate(params, mbs: UpdateBatch, old_kBC: Optional[Array]):
     """Sum over micro-batches of (grad loss_sum, loss_sum, denom, aux)."""
     mb0 = jax.tree.map(lambda x: x[0], mbs)
     old0 = None if old_kBC is None else old_kBC[0]
@@ -153,9 +139,9 @@ def make_train_step(
     (g_sum, ls_sum, d_sum, aux), _ = jax.lax.scan(body, init, (mbs, old_kBC))
     return g_sum, ls_sum, d_sum, aux
 
-  def old_logprobs(params, mbs: dict) -> Array:
+  def old_logprobs(params, mbs: UpdateBatch) -> Array:
     def body(_, mb):
-      return None, jax.lax.stop_gradient(logprob_fn(params, mb)[0])
+      return None, jax.lax.stop_gradient(logprob_fn(params, mb.inputs)[0])
 
     return jax.lax.scan(body, None, mbs)[1]
 
@@ -174,10 +160,10 @@ def make_train_step(
     carry = (keep(new_params, params), keep(new_opt, opt_state), skipped + (~ok).astype(jnp.int32))
     return carry, (loss, grad_norm, d_sum, aux)
 
-  def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: UpdateBatch) -> tuple[TrainState, dict]:
     mbs = _split(batch, k)
-    if "old_logp" in batch:
-      old_kBC = mbs.pop("old_logp")
+    if batch.old_logp_RC is not None:
+      old_kBC, mbs = mbs.old_logp_RC, mbs.replace(old_logp_RC=None)
     elif mu > 1:
       old_kBC = old_logprobs(state.params, mbs)  # pi_old fixed before the first inner update
     else:

@@ -20,6 +20,7 @@ from ekipl_jax import sampling, sharding
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import packed
 from ekipl_jax.rl import advantages, selection, update
+from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.sampling import groups as groups_lib
 from ekipl_jax.train import batching
 from ekipl_jax.train import data as data_lib
@@ -130,7 +131,7 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
   pv, grid = groups_lib.repeat_images(
       pb["pixel_values"], pb["image_grid_thw"], images_per_prompt, g.prompt_index_R[keep]
   )
-  batch = batching.rows_batch(
+  rows = batching.rows_batch(
       ctx.model,
       g.prompt_ids_RP[keep],
       g.prompt_mask_RP[keep],
@@ -140,17 +141,19 @@ def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update
       grid,
       [images_per_prompt[b] for b in g.prompt_index_R[keep]],
   )
-  batch.update(
-      advantages=A_K,
-      is_external=(g.source_R[keep] > 0),
-      behaviour_logp=g.behaviour_logp_RC[keep],
-      has_behaviour=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
+  same_t = logprob_temperature(rcfg) == rcfg.sampling.temperature  # the sampler's log-probs are at its temperature
+  batch = rl_batch.from_rows(
+      rows,
+      A_R=A_K,
+      is_external_R=(g.source_R[keep] > 0),
+      behaviour_logp_RC=g.behaviour_logp_RC[keep],
+      has_behaviour_R=g.has_behaviour_R[keep] & (g.source_R[keep] > 0),
+      sampler_logp_RC=_sampler_logp(out, g, keep) if same_t else None,
   )
-  if logprob_temperature(rcfg) == rcfg.sampling.temperature:  # the sampler's log-probs are at its temperature
-    batch["sampler_logp"] = _sampler_logp(out, g, keep)
   batch = update.shard_batch(batch, ctx.mesh)
   if rcfg.beta != 0:
-    batch["ref_logp"] = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, logprob_temperature(rcfg))(ctx.ref_params, batch)
+    ref_fn = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, logprob_temperature(rcfg))
+    batch = batch.replace(ref_logp_RC=ref_fn(ctx.ref_params, batch.inputs))
   state, m = ctx.train_step(P)(state, batch)
 
   kept_src = g.source_R[keep]
