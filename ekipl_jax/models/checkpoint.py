@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import flax.linen as nn
 import jax
@@ -144,11 +144,35 @@ def _unflatten(items: list[tuple[tuple[str, ...], Any]]) -> dict:
 
 
 def read_config(path: str) -> QwenVLConfig:
+  """QwenVLConfig of an HF folder; every error names config.json (and the model family when it is known)."""
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise FileNotFoundError(f"no config.json in {path}")
   with open(cfg_file) as f:
-    return QwenVLConfig.from_hf(json.load(f))
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+  if not isinstance(hf, dict):
+    raise ValueError(f"{cfg_file}: expected a JSON object, got {type(hf).__name__}")
+  try:
+    return QwenVLConfig.from_hf(hf)
+  except KeyError as e:
+    raise ValueError(f"{cfg_file} (model_type {hf.get('model_type')!r}) lacks the field {e.args[0]!r}") from None
+  except (ValueError, TypeError, NotImplementedError) as e:
+    raise type(e)(f"{cfg_file} (model_type {hf.get('model_type')!r}): {e}") from None
+
+
+def weights_family(tensors: Iterable[str]) -> str | None:
+  """The family the vision weights belong to, from their names (None: no vision tensors): Qwen2.5-VL's vision MLP
+  is gate_proj / up_proj / down_proj, Qwen2-VL's fc1 / fc2."""
+  for key in tensors:
+    if "visual." in key and ".mlp." in key:
+      if ".mlp.gate_proj." in key:
+        return "qwen2_5_vl"
+      if ".mlp.fc1." in key:
+        return "qwen2_vl"
+  return None
 
 
 def build(
@@ -199,12 +223,26 @@ def load_pretrained(
     compute_dtype=None,
     remat: bool = False,
     rules: sharding.Rules = sharding.RULES,
+    check_finite: bool = True,
 ) -> tuple[model_lib.QwenVL, dict]:
+  """(model, params) of an HF folder. check_finite: a NaN/inf weight is an error naming the tensor (each host checks
+  the slices it loads; False loads them as they are)."""
   config = read_config(path)
   model = build(config, dtype, compute_dtype, remat, mesh, rules)
   tensors = open_tensors(path)
   v5 = any(k.startswith("model.language_model.") for k in tensors)
-  shapes, axes = abstract_params(model)
+  family = "qwen2_5_vl" if config.model_type.startswith("qwen2_5_vl") else "qwen2_vl"
+  found = weights_family(tensors)
+  if found is not None and found != family:
+    raise ValueError(
+        f"{os.path.join(path, 'config.json')} says model_type {config.model_type!r}, but the weights in {path} are "
+        f"a {found} checkpoint (their vision MLP tensors); use that checkpoint's own config.json"
+    )
+  where = f"checkpoint {path!r} (model_type {config.model_type!r} from its config.json)"
+  try:
+    shapes, axes = abstract_params(model)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{where}: cannot build the model from its config: {type(e).__name__}: {e}") from e
   flat_axes = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: x is None or isinstance(x, tuple))[0]
   axes_by_path = {tuple(k.key for k in kp): a for kp, a in flat_axes}
   np_dtype = np.dtype(jnp.dtype(dtype))
@@ -212,15 +250,15 @@ def load_pretrained(
   for p, sds in _paths(shapes["params"]):
     key, to_flax, _ = hf_name(p, config, v5)
     if key not in tensors:
-      raise KeyError(f"checkpoint {path!r} is missing tensor {key!r} (needed for params {'/'.join(p)})")
+      raise KeyError(f"{where} is missing tensor {key!r} (needed for params {'/'.join(p)})")
     used.add(key)
     try:
       host = to_flax(tensors[key]())
     except Exception as e:
-      raise ValueError(f"tensor {key!r} cannot be converted to shape {sds.shape}: {e}") from e
+      raise ValueError(f"{where}: tensor {key!r} cannot be converted to shape {sds.shape}: {e}") from e
     if tuple(host.shape) != tuple(sds.shape):
       raise ValueError(
-          f"tensor {key!r} has shape {tuple(tensors[key]().shape)}; "
+          f"{where}: tensor {key!r} has shape {tuple(tensors[key]().shape)}; "
           f"expected {tuple(sds.shape)} after conversion for params {'/'.join(p)}"
       )
     ax = axes_by_path.get(("params",) + p) or (None,) * len(sds.shape)
@@ -229,22 +267,39 @@ def load_pretrained(
         if mesh is not None
         else jax.sharding.SingleDeviceSharding(jax.devices()[0])
     )
-    items.append(
-        (p, jax.make_array_from_callback(sds.shape, shard, lambda idx, h=host: np.asarray(h[idx], dtype=np_dtype)))
-    )
+
+    def load_slice(idx, h=host, key=key):
+      a = np.asarray(h[idx], dtype=np_dtype)
+      if check_finite and jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+        raise ValueError(
+            f"{where}: tensor {key!r} holds {int(a.size - np.isfinite(a).sum())} non-finite values (NaN/inf); "
+            f"the checkpoint is broken (e.g. a diverged run). load_pretrained(..., check_finite=False) loads it anyway"
+        )
+      return a
+
+    items.append((p, jax.make_array_from_callback(sds.shape, shard, load_slice)))
   unexpected = sorted(set(tensors) - used - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
   if unexpected:
-    raise KeyError(f"unexpected tensors in {path!r}: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
+    raise KeyError(f"unexpected tensors in {where}: {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
   return model, {"params": _unflatten(items)}
 
 
-def save_pretrained(model: model_lib.QwenVL, params: dict, out_dir: str, processor_dir: str | None = None) -> None:
-  """Write an HF folder (config.json, model.safetensors in transformers' own key layout, processor files)."""
-  os.makedirs(out_dir, exist_ok=True)
+def save_pretrained(
+    model: model_lib.QwenVL, params: dict, out_dir: str, processor_dir: str | None = None, check_finite: bool = True
+) -> None:
+  """Write an HF folder (config.json, model.safetensors in transformers' own key layout, processor files).
+  check_finite: refuse (ValueError naming the tensors, nothing written) weights holding NaN/inf."""
   tensors = {}
   for path, value in _paths(params["params"]):
     key, _, to_torch = hf_name(path, model.config, v5=False)
     tensors[key] = np.ascontiguousarray(to_torch(sharding.to_host(value)))
+  bad = [k for k, t in tensors.items() if jnp.issubdtype(t.dtype, jnp.inexact) and not np.isfinite(t).all()]
+  if check_finite and bad:
+    raise ValueError(
+        f"refusing to export to {out_dir}: {len(bad)} of {len(tensors)} tensors hold NaN/inf, e.g. {bad[:5]} "
+        f"(a diverged run; save_pretrained(..., check_finite=False) writes them anyway)"
+    )
+  os.makedirs(out_dir, exist_ok=True)
   dtype = {
       np.dtype(np.float32): "float32",
       np.dtype(ml_dtypes.bfloat16): "bfloat16",
