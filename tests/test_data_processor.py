@@ -1,5 +1,6 @@
 """Tokenizer folder + processor: offline loading, special ids, chat template, image tokens, padding, SFT layout."""
 
+import importlib
 import io
 
 import numpy as np
@@ -140,9 +141,19 @@ def test_left_padding_and_buckets(folder):
     assert (batch["attention_mask"][b, :pad_n] == 0).all() and (batch["attention_mask"][b, pad_n:] == 1).all()
     assert (batch["input_ids"][b, :pad_n] == proc.pad_token_id).all()
     assert batch["input_ids"][b, pad_n:].tolist() == s
-  assert P.pick_bucket(5, [8, 4, 16]) == 8 and P.pick_bucket(8, [8, 16]) == 8
   with pytest.raises(ValueError):
     P.prompt_batch(proc, examples, [longest - 1])
+
+
+def test_pick_bucket_is_the_one_bucket_rule():
+  """Every user of buckets (prompts, SFT targets, sampler patches, packed per-row patch budgets) calls pick_bucket."""
+  assert P.pick_bucket(5, [8, 4, 16]) == 8 and P.pick_bucket(8, [8, 16]) == 8  # smallest that fits, any order
+  assert P.pick_bucket(24, (36, 64, 128), unit=16) == 64  # 36 fits but is not a multiple of the merge unit
+  assert P.pick_bucket(24, (), unit=16) == 32 and P.pick_bucket(32, (), unit=16) == 32  # no buckets: round up
+  with pytest.raises(ValueError, match="largest bucket that is a multiple of 16"):
+    P.pick_bucket(200, (64, 128), unit=16)
+  generate = importlib.import_module("ekipl_jax.sampling.generate")  # the module (sampling.generate is a function)
+  assert [generate._patch_bucket(n, 4) for n in (1, 4, 5, 17, 64)] == [4, 4, 8, 32, 64]  # 4 x powers of two
 
 
 def test_min_max_pixels_from_config(folder):

@@ -136,11 +136,18 @@ def encode_completion(proc: Processor, text: str, add_eos: bool = False) -> list
   return ids + [proc.eos_token_id] if add_eos else ids
 
 
-def pick_bucket(length: int, buckets: Sequence[int]) -> int:
-  fits = [b for b in sorted(buckets) if b >= length]
-  if not fits:
-    raise ValueError(f"sequence of {length} tokens is longer than the largest bucket {max(buckets)}")
-  return fits[0]
+def pick_bucket(length: int, buckets: Sequence[int], unit: int = 1) -> int:
+  """The smallest of `buckets` that is >= length and a multiple of `unit`; with no buckets, length rounded up to a
+  multiple of `unit`. Padding to a bucket lets varying lengths reuse one compilation per bucket. The package's one
+  bucket rule: prompt and SFT target lengths (here), the sampler's prompts and image patches (sampling/generate.py)
+  and the training batch's per-row patch budget (models/packed.py)."""
+  fits = [b for b in sorted(buckets) if b >= length and b % unit == 0]
+  if fits:
+    return int(fits[0])
+  if not len(buckets):
+    return -(-length // unit) * unit
+  multiple = f" that is a multiple of {unit}" if unit > 1 else ""
+  raise ValueError(f"length {length} is longer than the largest bucket{multiple} in {tuple(buckets)}")
 
 
 def bucket_for(

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import logprobs as logprobs_lib
 from ekipl_jax.models import vision as vision_lib
 from ekipl_jax.models.model import vision_config
@@ -41,8 +42,7 @@ def pack_rows(
   img_start = np.concatenate([[0], np.cumsum(images_per_row)]).astype(int)
   patch_start = np.concatenate([[0], np.cumsum(patches_I)]).astype(int)
   need = max(int(patches_I[img_start[r] : img_start[r + 1]].sum()) for r in range(len(images_per_row)))
-  fits = [b for b in sorted(patch_buckets) if b >= need and b % u == 0]
-  Np = fits[0] if fits else -(-need // u) * u
+  Np = processor_lib.pick_bucket(need, patch_buckets, unit=u)
   rows = {k: [] for k in PACKED_KEYS}
   for r in range(len(images_per_row)):
     i0, i1 = img_start[r], img_start[r + 1]

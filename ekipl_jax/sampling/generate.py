@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ekipl_jax import sharding
+from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import vision as vision_lib
 from ekipl_jax.models.model import init_cache, rope_index, vision_config
 from ekipl_jax.sampling.sample import SamplingParams, sample_step
@@ -54,18 +55,9 @@ class SampleOutput:
   policy_logprobs: jax.Array
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  for b in buckets:
-    if b >= n:
-      return int(b)
-  raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
-
-
 def _patch_bucket(n: int, unit: int) -> int:
-  b = unit
-  while b < n:
-    b *= 2
-  return b
+  """Image patches are padded to the merge unit times a power of two (one compilation per power)."""
+  return processor_lib.pick_bucket(n, [unit << k for k in range(32)])
 
 
 def _left_pad(x_BP: np.ndarray, to: int, value) -> np.ndarray:
@@ -218,7 +210,7 @@ def prepare_prompts(
   mask_BT = np.ones_like(ids_BT) if attention_mask is None else np.asarray(attention_mask)
   if mask_BT[:, -1].min() == 0:
     raise ValueError("prompts must be left padded (attention_mask[:, -1] == 1 for every row)")
-  P = bucket(ids_BT.shape[1], prompt_buckets)
+  P = processor_lib.pick_bucket(ids_BT.shape[1], prompt_buckets)
   ids_BP = _left_pad(ids_BT, P, 0).astype(np.int32)
   mask_BP = _left_pad(mask_BT, P, 0).astype(np.int32)
   pos_3BP, deltas_B = rope_index(c, ids_BP, mask_BP, image_grid_thw)
