@@ -306,3 +306,60 @@ def test_non_finite_weights_are_refused_at_load_and_export(tiny25, tmp_path):
   params = jax.tree.map(lambda x: jax.numpy.nan_to_num(x), params)
   models.save_pretrained(model, params, out)
   assert os.path.exists(os.path.join(out, ckpt.WEIGHTS))
+
+
+# ---------------------------------------------------------------------------------------------- item 6: Reason-RFT
+@pytest.fixture(scope="module")
+def rft_folder(tmp_path_factory) -> str:
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures", "reason_rft"))
+  import make_fixture  # pylint: disable=import-outside-toplevel
+
+  return make_fixture.write_fixture(str(tmp_path_factory.mktemp("Reason-RFT-CoT-Dataset")))
+
+
+def _prepared_anything(data_dir: str) -> bool:
+  return any("dataset_info.json" in names for _, _, names in os.walk(data_dir))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_image_fails_preparation_naming_id_and_file(rft_folder, tmp_path, damage):
+  from ekipl_jax.data import builders
+
+  root = _copy(rft_folder, tmp_path / "rft")
+  path = builders.json_path(root, "train", builders.REASON_RFT_FILES["counting"]["train"])
+  rec = json.load(open(path))[1]
+  image = os.path.join(builders.image_root(root, "train"), rec["image"])
+  good = open(image, "rb").read()
+  open(image, "wb").write(b"not an image at all" if damage == "garbage" else good[: len(good) // 2])
+  data_dir = str(tmp_path / "tfds")
+  with pytest.raises(builders.RecordError) as e:
+    builders.prepare_reason_rft(root, data_dir, "counting")
+  msg = str(e.value)
+  assert rec["id"] in msg and image in msg and path in msg and "cannot decode image" in msg
+  assert not _prepared_anything(data_dir)  # nothing of the bad preparation is cached
+  open(image, "wb").write(good)  # repaired: the same data_dir prepares, with the example
+  builder = builders.prepare_reason_rft(root, data_dir, "counting")
+  assert rec["id"] in builders.example_ids(builder, "train")
+
+
+@pytest.mark.parametrize("answer", ["", "  \n"])
+def test_empty_answer_is_rejected_naming_the_id(rft_folder, tmp_path, answer):
+  from ekipl_jax.data import builders
+
+  root = _copy(rft_folder, tmp_path / "rft")
+  path = builders.json_path(root, "test_id", builders.REASON_RFT_FILES["structure"]["test_id"])
+  records = json.load(open(path))
+  records[2]["answer"] = answer
+  json.dump(records, open(path, "w"))
+  with pytest.raises(builders.RecordError) as e:
+    builders.prepare_reason_rft(root, str(tmp_path / "tfds"), "structure")
+  assert records[2]["id"] in str(e.value) and path in str(e.value) and "empty answer" in str(e.value)
+
+
+def test_example_ids_match_the_decoded_records(rft_folder, tmp_path):
+  from ekipl_jax.data import builders
+
+  builder = builders.prepare_reason_rft(rft_folder, str(tmp_path / "tfds"), "spatial")
+  for split in builders.REASON_RFT_FILES["spatial"]:
+    ids = [ex["id"] for ex in builders.iterate(builder.as_data_source(split))]
+    assert builders.example_ids(builder, split) == ids and len(ids) == 3
