@@ -29,7 +29,10 @@ as XLA itself reports it (an oversized probe compile's "available HBM"). A progr
 Exit status: 0 when every program fits, 1 when one does not, 2 on any other error.
 
 Estimates (labelled so): XLA's cost model (compiled.cost_analysis()) gives flops and, on some chips, a positive
-'optimal_seconds'; from it a step time, tokens/s and MFU against the chip's peak bf16 flop/s (CHIPS below).
+'optimal_seconds'; from it a step time, tokens/s and MFU against the chip's peak bf16 flop/s (CHIPS below). The cost
+model counts a loop's body once whatever its trip count (measured: a 1000-step fori_loop reports the flops of one
+step), so the decode loop's estimate is scaled by max_new_tokens - 1 and the update step's by micro_batches x mu;
+loops inside them (log-prob chunks) stay counted once, so the estimates are lower bounds on time.
 
 Only one process can load libtpu at a time (a lock file); ALLOW_MULTIPLE_LIBTPU_LOAD=1 lifts the lock.
 """
@@ -58,6 +61,9 @@ _IMAGES = flags.DEFINE_integer("images_per_prompt", -1, "images per prompt (-1: 
 _HEADROOM = flags.DEFINE_float("min_headroom", 0.10, "fraction of HBM that must stay free for a program to fit")
 _JSON = flags.DEFINE_string("json_out", "", "also write the results as JSON here")
 _DUMP = flags.DEFINE_string("xla_dump", "", "XLA dump folder (its *memory-usage-report.txt lists the largest buffers)")
+_PROGRAMS = flags.DEFINE_list(
+    "programs", [], "compile only these (sft_step, prefill, decode, ref_logprobs, update_step)"
+)
 _PLAN = flags.DEFINE_string("plan", "", "write the plan over every paper config x slice (PLAN) to this Markdown file")
 
 GiB = 1024**3
@@ -280,7 +286,37 @@ def parse_oom(msg: str) -> dict | None:
   )
 
 
-_CACHE: dict[str, dict] = {}  # lowered-program hash -> compile result (make tpu-plan compiles each program once)
+_CACHE: dict[str, dict] = {}  # abstract signature -> compile result (make tpu-plan compiles each program once)
+_TOPOLOGIES: dict[Any, Any] = {}  # topology name -> description; (name, mesh shape) -> Mesh
+_PARAMS: dict[str, Any] = {}
+_SIGNATURE_BASE: list = []  # what every program of the current run depends on (model, topology, mesh, rules)
+
+# rl config fields the device programs never read (selection, rewards and advantages run on the host); every other
+# field, present or future, is part of the update step's signature.
+HOST_ONLY_RL = (
+    "selection",
+    "num_external_per_model",
+    "num_replace",
+    "steps",
+    "rewards",
+    "adv_std",
+    "adv_stats_from",
+    "adv_eps",
+    "adv_ddof",
+)
+
+
+def signature(name: str, static: Any, args: Any) -> str:
+  """Hash of what a program's compilation depends on: the run's model / topology / mesh, the program's static
+  settings, and its arguments' shapes, dtypes and shardings."""
+  import jax
+
+  leaves = jax.tree_util.tree_flatten_with_path(args)[0]
+  shapes = [(jax.tree_util.keystr(k), x.shape, str(x.dtype), str(getattr(x.sharding, "spec", None))) for k, x in leaves]
+  text = json.dumps([_SIGNATURE_BASE, name, static, shapes], sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 _HBM: dict[str, float] = {}  # device_kind -> usable HBM bytes per chip
 
 
@@ -306,17 +342,19 @@ def usable_hbm(mesh) -> float:
   return _HBM[kind]
 
 
-def compile_program(name: str, jitted, args: tuple, kwargs: dict | None = None) -> dict:
-  """Lower and compile one program; its memory (per chip), cost estimate and times, or XLA's out-of-memory."""
+def compile_program(name: str, jitted, args: tuple, kwargs: dict | None = None, static: Any = None) -> dict:
+  """Lower and compile one program; its memory (per chip), cost estimate and times, or XLA's out-of-memory. A
+  program with the signature of one compiled before in this process is not compiled again (make tpu-plan)."""
   import jax
 
+  if _PROGRAMS.value and name not in _PROGRAMS.value:
+    return dict(name=name, skipped="not selected (--programs)", unselected=True)
+  key = signature(name, [static, kwargs], args)
+  if key in _CACHE:
+    return dict(_CACHE[key], name=name, cached=True)
   t0 = time.time()
   lowered = jitted.lower(*args, **(kwargs or {}))
-  t_lower = time.time() - t0
-  key = hashlib.sha256(lowered.as_text().encode()).hexdigest()
-  if key in _CACHE:
-    return dict(_CACHE[key], name=name, lower_s=t_lower, cached=True)
-  out: dict[str, Any] = dict(name=name, lower_s=t_lower, cached=False, hash=key[:12])
+  out: dict[str, Any] = dict(name=name, lower_s=time.time() - t0, cached=False, signature=key[:12])
   t0 = time.time()
   try:
     compiled = lowered.compile()
@@ -326,7 +364,7 @@ def compile_program(name: str, jitted, args: tuple, kwargs: dict | None = None) 
     if oom is None:
       raise
     out["oom"] = oom
-    _CACHE[key] = {k: v for k, v in out.items() if k not in ("name", "lower_s")}
+    _CACHE[key] = {k: v for k, v in out.items() if k != "name"}
     return out
   out["compile_s"] = time.time() - t0
   m = compiled.memory_analysis()
@@ -343,7 +381,7 @@ def compile_program(name: str, jitted, args: tuple, kwargs: dict | None = None) 
   out["out_shapes"] = jax.tree.map(
       lambda i, s: sds(i.shape, i.dtype, s), lowered.out_info, compiled.output_shardings
   )  # for the next program's inputs
-  _CACHE[key] = {k: v for k, v in out.items() if k not in ("name", "lower_s")}
+  _CACHE[key] = {k: v for k, v in out.items() if k != "name"}
   return out
 
 
@@ -365,7 +403,8 @@ def sft_programs(cfg, model, mesh, rules, geo: Geometry, params):
   R, C = cfg.sft.batch_size, cfg.sft.max_completion
   batch = abstract_rows_batch(model, geo, R, C, mesh, rules)
   step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=shardings)
-  r = compile_program("sft_step", step, (state, batch), dict(P=geo.P))
+  static = [cfg.sft.to_dict(), cfg.model.logprob_chunk]
+  r = compile_program("sft_step", step, (state, batch), dict(P=geo.P), static=static)
   r.update(rows=R, tokens=R * (geo.P + C), resident={}, args=["state", "batch"])
   return [r], {"state": per_chip_bytes(state), "batch": per_chip_bytes(batch)}
 
@@ -413,17 +452,19 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
       rng,
   )
   out = []
-  r = compile_program("prefill", prefill, (params,) + prompt_args)
+  static = [sp, int(C), int(n), geo.P]
+  r = compile_program("prefill", prefill, (params,) + prompt_args, static=static)
   r.update(rows=B, tokens=B * geo.P, resident={"opt_state": others, "ref_params": sizes["ref_params"]})
   out.append(r)
   if "out_shapes" in r:
     dstate = dict(r["out_shapes"])
     cache = dstate.pop("cache")
     sizes["kv_cache"] = per_chip_bytes(cache)
-    r = compile_program("decode", decode, (params, cache, dstate))
+    r = compile_program("decode", decode, (params, cache, dstate), static=static)
     r.update(rows=B * n, tokens=B * n * (C - 1), resident={"opt_state": others, "ref_params": sizes["ref_params"]})
+    r["trips"] = C - 1  # the decode loop's body, once per new token (every row running to max_new_tokens)
   else:
-    r = dict(name="decode", skipped="prefill did not compile")
+    r = dict(name="decode", skipped="prefill did not compile", unselected=bool(r.get("unselected")))
   out.append(r)
 
   # Update batch (train/rl.rl_step): G kept rows per prompt, each with its own images.
@@ -431,16 +472,24 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   batch.update(rl_batch_extras(R, C, mesh, rules))
   temp = rl.logprob_temperature(rc) if hasattr(rl, "logprob_temperature") else rc.sampling.temperature
   if ref is not None:
-    r = compile_program("ref_logprobs", rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp), (ref, batch))
+    static = [geo.P, cfg.model.logprob_chunk, temp]
+    r = compile_program(
+        "ref_logprobs", rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp), (ref, batch), static=static
+    )
     r.update(rows=R, tokens=R * (geo.P + C), resident={"state": sizes["state"]})
     out.append(r)
-    if "out_shapes" not in r:
+    if "out_shapes" in r:
+      batch["ref_logp"] = r["out_shapes"]
+    elif r.get("unselected"):  # placed like the rest of the batch (what XLA picks for the ref program's output)
+      batch["ref_logp"] = sds((R, C), np.float32, batch_sharding((R, C), mesh, rules))
+    else:
       return out, sizes
-    batch["ref_logp"] = r["out_shapes"]
   sizes["batch"] = per_chip_bytes(batch)
   step = rl.build_step(model, cfg, optimizer, shardings)(geo.P)
-  r = compile_program("update_step", step, (state, batch))
+  static = [{k: v for k, v in rc.to_dict().items() if k not in HOST_ONLY_RL}, geo.P, cfg.model.logprob_chunk]
+  r = compile_program("update_step", step, (state, batch), static=static)
   r.update(rows=R, tokens=R * (geo.P + C), resident={"ref_params": sizes["ref_params"]})
+  r["trips"] = int(rc.micro_batches) * int(rc.mu)  # the step's scans: mu epochs x micro-batches
   out.append(r)
   return out, sizes
 
@@ -460,9 +509,14 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
   if cfg.stage not in ("sft", "rl"):
     raise ValueError(f"config key stage: {cfg.stage!r}; the tool compiles the sft or rl stage")
   t0 = time.time()
-  topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  if topology not in _TOPOLOGIES:
+    _TOPOLOGIES[topology] = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+  topo = _TOPOLOGIES[topology]
   devices = list(topo.devices)
-  mesh = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
+  mkey = (topology, tuple(cfg.mesh.shape))
+  if mkey not in _TOPOLOGIES:  # one Mesh object per slice and shape, so that cached params share it
+    _TOPOLOGIES[mkey] = sharding.make_mesh(tuple(cfg.mesh.shape), devices=devices)
+  mesh = _TOPOLOGIES[mkey]
   rules = trainer.rules_from_config(cfg.mesh.rules)
   kind = devices[0].device_kind
   chip = CHIPS.get(kind)
@@ -476,8 +530,13 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
       mesh,
       rules,
   )
-  params = abstract_params(model, mesh, rules)
+  pkey = json.dumps([topology, cfg.mesh.shape, rules, hf, cfg.model.param_dtype], sort_keys=True, default=str)
+  if pkey not in _PARAMS:  # make tpu-plan: one eval_shape per model and slice
+    _PARAMS[pkey] = abstract_params(model, mesh, rules)
+  params = _PARAMS[pkey]
   geo = geometry(cfg, model, text_tokens, images_per_prompt)
+  model_fields = {k: v for k, v in cfg.model.to_dict().items() if k != "init_from"}  # hf stands for the checkpoint
+  _SIGNATURE_BASE[:] = [topology, dict(mesh.shape), rules, hf, model_fields]
   fn = sft_programs if cfg.stage == "sft" else rl_programs
   programs, sizes = fn(cfg, model, mesh, rules, geo, params)
 
@@ -488,13 +547,13 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
       r["headroom"] = 1 - r["total_bytes"] / hbm
       r["fits"] = r["headroom"] >= min_headroom
       c = r.get("cost", {})
-      if c.get("optimal_seconds", -1) > 0:
-        t = c["optimal_seconds"]
+      if c.get("optimal_seconds", -1) > 0:  # XLA counts a loop's body once: scaled by the known trip counts
+        t = c["optimal_seconds"] * r.get("trips", 1)
         r["estimate"] = dict(seconds=t, tokens_per_s=r["tokens"] / t)
         if chip and c.get("flops", 0) > 0:
-          r["estimate"]["mfu"] = c["flops"] / (t * chip.peak_bf16)
+          r["estimate"]["mfu"] = c["flops"] * r.get("trips", 1) / (t * chip.peak_bf16)
     else:
-      r["fits"] = False
+      r["fits"] = bool(r.get("unselected"))  # a program left out by --programs does not decide the verdict
     r.pop("out_shapes", None)
   report = dict(
       config=cfg.name,
@@ -595,11 +654,35 @@ def write_plan(path: str, text_tokens: int, min_headroom: float) -> bool:
             print(rep)
           rep["spec"] = " ".join([spec] + [f"--config.{k}={v}" for k, v in overrides.items()])
           reports.append(rep)
-  with open(path, "w") as f:
-    f.write(plan_markdown(reports, time.time() - t0, text_tokens, min_headroom))
-  with open(os.path.splitext(path)[0] + ".json", "w") as f:
-    json.dump(reports, f, indent=1, default=str)
+          with open(path, "w") as f:  # rewritten after every config: an interrupted plan keeps what it has
+            f.write(plan_markdown(reports, time.time() - t0, text_tokens, min_headroom))
+          with open(os.path.splitext(path)[0] + ".json", "w") as f:
+            json.dump(reports, f, indent=1, default=str)
   return all(r["fits"] for r in reports)
+
+
+def summary_rows(reports: list[dict]) -> list[str]:
+  rows = []
+  for rep in reports:
+    if "error" in rep:
+      rows.append(f"| {rep['config']} | {rep['topology']} | | no: {rep['error'][:120]} | | | |")
+      continue
+    worst, worst_room, worst_txt = "", 2.0, ""
+    for r in rep["programs"]:
+      if "oom" in r:
+        room, txt = -1.0, f"XLA: {_g(r['oom']['required'])} needed for {r['oom']['what']} / {_g(r['oom']['available'])}"
+      elif "mem" in r:
+        room, txt = r["headroom"], f"{_g(r['total_bytes'])} / {_g(rep['hbm_bytes'])}"
+      else:
+        room, txt = -2.0, r.get("skipped", "not compiled")
+      if room < worst_room:
+        worst, worst_room, worst_txt = r["name"], room, txt
+    room = f"{worst_room:.0%}" if worst_room > -1 else "< 0"
+    rows.append(
+        f"| {rep['config']} | {rep['topology']} | {rep['chips']} | {'yes' if rep['fits'] else '**no**'} | {worst} | "
+        f"{worst_txt} | {room} |"
+    )
+  return rows
 
 
 def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_headroom: float) -> str:
@@ -618,10 +701,21 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
       "the largest image data.max_pixels allows (one image; two for spatial) and "
       f"{text_tokens} text tokens, in the prompt bucket data.prompt_buckets gives.",
       "",
-      'Programs with the same lowered HLO are compiled once ("cached": e.g. counting and structure share shapes, '
-      "GRPO and EKIPL share the update step when their loss settings agree); the times shown are the first compile. "
+      "A program whose abstract signature (model, slice, mesh, the program's static settings, its arguments' shapes, "
+      "dtypes and shardings; experiments/aot.py `signature`) matches one compiled before is not compiled again "
+      '("cached": counting and structure prompts have the same shapes, and GRPO and EKIPL differ only in host-side '
+      "fields, HOST_ONLY_RL); the time shown is the first compile's. "
       "Estimates come from XLA's cost model (`optimal_seconds`), only where it is positive, against the chip's peak "
-      "bf16 flop/s; they are not measurements.",
+      "bf16 flop/s, scaled by the loop trip counts XLA does not count (decode steps, micro-batches x mu); loops "
+      "inside (log-prob chunks) stay counted once, so they are lower bounds on time. They are not measurements.",
+      "",
+      "## Summary",
+      "",
+      "| config | topology | chips | fits | tightest program | its total / HBM per chip (GiB) | headroom |",
+      "|---|---|---|---|---|---|---|",
+      *summary_rows(reports),
+      "",
+      "## Every program (per chip, GiB)",
       "",
       "| config | topology | mesh | program | args | out | temp | other resident | total | HBM | headroom | compile s"
       " | estimate | verdict |",
