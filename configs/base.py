@@ -73,6 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.aux.sources = ()  # external model names to draw from, in source-id order (1..M)
   c.aux.behaviour_tokenizer = ""  # stored behaviour log-probs are used only if made with this tokenizer
   # (a name or path, as precompute_aux records it); "" = never
+  c.aux.min_coverage = 1.0  # RL refuses to start unless each of aux.sources has responses for at least this share
+  # of the training ids (1.0: all); an uncovered prompt gets no external response, i.e. trains as plain GRPO
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 100  # RL steps between evaluations (0: only at the end)

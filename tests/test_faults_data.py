@@ -363,3 +363,28 @@ def test_example_ids_match_the_decoded_records(rft_folder, tmp_path):
   for split in builders.REASON_RFT_FILES["spatial"]:
     ids = [ex["id"] for ex in builders.iterate(builder.as_data_source(split))]
     assert builders.example_ids(builder, split) == ids and len(ids) == 3
+
+
+# ---------------------------------------------------------------------------------------------- item 3: the trainer
+@pytest.mark.slow
+def test_rl_refuses_to_start_on_an_uncovering_store(tmp_path):
+  """EKIPL with a store that covers half of the training ids stops before the first step, naming the store, the
+  source and a missing id (before the check, this run trained with exit 0, half of its prompts as plain GRPO)."""
+  from test_trainer import tiny_config
+
+  from ekipl_jax.data import builders
+  from ekipl_jax.train import data as data_lib
+  from ekipl_jax.train import trainer
+
+  cfg = tiny_config(str(tmp_path))
+  cfg.stage, cfg.workdir, cfg.aux.store = "rl", str(tmp_path / "rl"), str(tmp_path / "aux")
+  cfg.aux.sources = ("solver_strong",)
+  ids = builders.example_ids(data_lib.prepare(cfg.data), cfg.data.train_split)
+  with AuxStoreWriter(cfg.aux.store, sources=["solver_strong"]) as w:
+    for i in ids[::2]:
+      w.append(AuxResponse(id=i, source="solver_strong", text="<think>\n</think>\n<answer>\n1\n</answer>"))
+  with pytest.raises(aux_store.AuxCoverageError) as e:
+    trainer.run(cfg)
+  msg = str(e.value)
+  assert cfg.aux.store in msg and "'solver_strong'" in msg and repr(ids[1]) in msg and "50.0%" in msg
+  assert not any(n.startswith("metrics") for n in os.listdir(cfg.workdir))  # no step ran

@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ekipl_jax import models, sharding
+from ekipl_jax.data import builders
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.rl import update
 from ekipl_jax.sampling import aux_store
@@ -160,6 +161,10 @@ def run_rl(cfg, model, params, proc, builder, mesh):
   if cfg.rl.selection != "none":  # contamination guard: no stored response may belong to an evaluation example
     eval_ids = {ex["id"] for s in cfg.data.eval_splits for ex in data_lib.first(data_lib.source(builder, s), 0)}
     store = aux_store.open_store(cfg.aux.store, refuse_ids=eval_ids)
+    # coverage: every aux.sources source in the store, for at least aux.min_coverage of the training ids
+    train_ids = builders.example_ids(builder, cfg.data.train_split)
+    log = print if jax.process_index() == 0 else None
+    aux_store.check_coverage(store, train_ids, cfg.aux.sources, cfg.aux.min_coverage, log=log)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   shardings = state_sharding(params, optimizer, mesh)
   ctx = rl.RLContext(
