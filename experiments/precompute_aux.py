@@ -17,7 +17,8 @@ give the values the training config uses so the same dataset and ids are read. R
 A rerun resumes: (id, source, sample) keys already in the store are skipped (no request is sent for them).
 Writers of different --name's may fill one --store in parallel (one folder and lock per source); a second writer of
 the same name is refused with an error naming the first (pid, host).
-The summary is printed as JSON; the exit status is 1 when some responses failed.
+The summary is printed as JSON; the exit status is 1 when some responses failed, 2 when the endpoint failed
+(--max_failures) or another process is writing the same source.
 
 The demo's stores (configs/demo.py, sources solver_strong / solver_weak):
   python experiments/precompute_aux.py --source=solver --name=solver_strong --accuracy=1.0 \\
@@ -177,7 +178,13 @@ def run() -> dict:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = run()
+  from ekipl_jax.data import aux_sources, aux_store
+
+  try:
+    summary = run()
+  except (aux_sources.EndpointError, aux_store.AuxStoreLockedError) as e:  # one clear line, no traceback
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   for f in summary["failures"]:
     print(f"failed: {json.dumps(f)}", file=sys.stderr)
   print(json.dumps({k: v for k, v in summary.items() if k != "failures"}))

@@ -2,9 +2,11 @@
 our sampler, and an OpenAI-compatible endpoint (a loopback server started here); contamination guard; the CLI."""
 
 import base64
+import dataclasses
 import io
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -369,6 +371,14 @@ def test_openai_resume_and_bounded_concurrency(tmp_path, serve):
     assert sorted(r.sample for r in store.get(exs[0]["id"])) == [0, 1, 2]  # written as they complete
 
 
+def test_openai_base_url_with_trailing_slash(tmp_path, serve):
+  """Gemini's OpenAI-compatible base URL is documented with a trailing slash (.../v1beta/openai/)."""
+  server = serve()
+  endpoint = dataclasses.replace(_endpoint(server), base_url=server.base_url + "/")
+  summary = A.write_from_openai(_questions(2), str(tmp_path / "aux"), "g", endpoint, **SETTINGS)
+  assert (summary["written"], server.problems) == (2, [])
+
+
 def test_openai_key_and_guard(tmp_path, serve, monkeypatch):
   server = serve()
   exs = _questions(2)
@@ -416,5 +426,15 @@ def test_cli_writes_train_and_refuses_eval_split(tmp_path, capsys, monkeypatch):
     flags.FLAGS(argv + ["--split=test_ood"])
     with pytest.raises(ContaminationError, match="test_ood-000001"):
       cli.main(["precompute_aux"])
+    with socket.socket() as sock:  # a port nobody listens on: one clear line and exit status 2
+      sock.bind(("127.0.0.1", 0))
+      dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv[:1] + argv[5:] + ["--source=openai", f"--base_url={dead}", "--model=m", "--api_key_env="])
+    flags.FLAGS(["precompute_aux", "--max_failures=2", "--max_retries=0", "--concurrency=1", "--noprogress"])
+    capsys.readouterr()
+    assert cli.main(["precompute_aux"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 consecutive requests to " + dead) and "Traceback" not in err
   finally:
     flags.FLAGS.unparse_flags()
