@@ -129,7 +129,9 @@ def run() -> dict:
     if not _CHECKPOINT.value:
       raise app.UsageError("--source=checkpoint needs --checkpoint=DIR")
     name = _NAME.value or os.path.basename(os.path.normpath(_CHECKPOINT.value))
-    return aux_sources.write_from_checkpoint(
+    from ekipl_jax.sampling import checkpoint_source  # the sampler and the policy, for this source only
+
+    return checkpoint_source.write_from_checkpoint(
         examples,
         store,
         name,

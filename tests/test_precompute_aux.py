@@ -1,5 +1,6 @@
 """Auxiliary-store writers (ekipl_jax/data/aux_sources.py): dataset CoT, scripted solvers, a local checkpoint through
-our sampler, and an OpenAI-compatible endpoint (a loopback server started here); contamination guard; the CLI."""
+our sampler (ekipl_jax/sampling/checkpoint_source.py), and an OpenAI-compatible endpoint (a loopback server started
+here); contamination guard; the CLI."""
 
 import base64
 import dataclasses
@@ -129,6 +130,7 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
   import jax
 
   from ekipl_jax import models
+  from ekipl_jax.sampling import checkpoint_source
 
   root, exs = str(tmp_path / "aux"), _examples("train", 3)
   kw = dict(
@@ -143,7 +145,7 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
       max_pixels=112 * 112,
       prompt_buckets=(128, 256),
   )
-  summary = A.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
+  summary = checkpoint_source.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
   assert (summary["written"], summary["skipped"], summary["failed"]) == (6, 0, 0)
   proc = P.load(tiny_checkpoint, 112 * 112, 112 * 112)
   model, params = models.load_pretrained(tiny_checkpoint)
@@ -193,7 +195,7 @@ def test_checkpoint_source(tmp_path, tiny_checkpoint, monkeypatch):
     np.testing.assert_allclose(got, np.asarray(want)[i, : len(got)], atol=2e-4)
   # resume: nothing to sample, the policy is not even loaded
   monkeypatch.setattr(models, "load_pretrained", lambda *a, **k: pytest.fail("loaded the policy on resume"))
-  again = A.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
+  again = checkpoint_source.write_from_checkpoint(exs, root, "tiny", tiny_checkpoint, **kw)
   assert (again["written"], again["skipped"]) == (0, 6)
 
 

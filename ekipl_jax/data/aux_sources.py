@@ -2,7 +2,9 @@
 
   write_from_cot(examples, store_dir, name)                       (a) the dataset's own `cot` field (Reason-RFT-CoT
                                                                       annotations are a strong model's reasoning)
-  write_from_checkpoint(examples, store_dir, name, checkpoint)    (b) any local HF checkpoint through our sampler
+  write_from_checkpoint(examples, store_dir, name, checkpoint)    (b) any local HF checkpoint through our sampler: in
+                                                                      ekipl_jax/sampling/checkpoint_source.py (it
+                                                                      needs the sampler, a later stage)
   write_from_openai(examples, store_dir, name, base_url=, model=) (c) an OpenAI-compatible chat-completions endpoint
   write_from_solver(examples, store_dir, name, accuracy, seed, k) (d) synthetic task: a scripted solver of chosen
                                                                       accuracy (perfect / noisy external models)
@@ -29,8 +31,8 @@ The client retries 408/409/429/5xx and timeouts with backoff; a reply that is em
 that fail on the endpoint itself (connection error, timeout, or an HTTP error other than 400/413/422) the writer
 stops with EndpointError naming the endpoint. A progress bar on stderr counts done / failed / skipped.
 
-This module produces the store before training; nothing on the training path imports it (it imports the sampler and
-the policy lazily, for (b) only).
+This module produces the store before training; nothing on the training path imports it, and it imports nothing
+after data/ (imports run forward).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
-import json
 import mimetypes
 import os
 import urllib.parse
@@ -55,8 +56,6 @@ from ekipl_jax.data import synthetic
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.data.aux_store import AuxResponse, AuxStoreWriter, RefuseIds, check_refused
 
-PROMPT_BUCKETS = tuple(64 * 2**i for i in range(7))  # 64 .. 4096 prompt tokens
-
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 def prompt_provenance(ex: dict, templates: dict[str, str] | None) -> dict:
@@ -66,7 +65,8 @@ def prompt_provenance(ex: dict, templates: dict[str, str] | None) -> dict:
   return {"template": key, "sha256": hashlib.sha256(text.encode()).hexdigest()[:16]}
 
 
-def _summary(name: str, store_dir: str, written: int, skipped: int, failures: list[dict]) -> dict:
+def summary(name: str, store_dir: str, written: int, skipped: int, failures: list[dict]) -> dict:
+  """What every writer returns."""
   return {
       "source": name,
       "store": store_dir,
@@ -75,10 +75,6 @@ def _summary(name: str, store_dir: str, written: int, skipped: int, failures: li
       "failed": len(failures),
       "failures": failures,
   }
-
-
-def _done(writer: AuxStoreWriter, example_id: str, name: str, k: int) -> bool:
-  return all((example_id, name, s) in writer for s in range(k))
 
 
 # ---------------------------------------------------------------------------------------------- (a) dataset cot
@@ -119,7 +115,7 @@ def write_from_cot(
           )
       )
       written, skipped = written + ok, skipped + (not ok)
-  return _summary(name, store_dir, written, skipped, failures)
+  return summary(name, store_dir, written, skipped, failures)
 
 
 # ---------------------------------------------------------------------------------------------- (d) scripted solver
@@ -164,133 +160,7 @@ def write_from_solver(
                 provenance=prov,
             )
         )
-  return _summary(name, store_dir, written, skipped, [])
-
-
-# ---------------------------------------------------------------------------------------------- (b) checkpoint
-def _row_record(proc, tokens_C: np.ndarray, length: int, logprobs_C: np.ndarray) -> tuple[str, dict, list | None]:
-  """(text, provenance fields, behaviour log-probs or None) of one sampled row.
-
-  The text is the completion without its EOS. The trainer rebuilds the tokens as encode(text) + [eos]
-  (sampling/groups.py); the log-probs go to the record's top level only when that equals the sampled tokens, so
-  they line up token for token. Otherwise (special tokens, a non-canonical BPE split) they are kept in the
-  provenance with the sampled ids they belong to."""
-  ids = [int(t) for t in tokens_C[:length]]
-  finished = bool(ids) and ids[-1] == proc.eos_token_id
-  body = ids[:-1] if finished else ids
-  text = proc.tokenizer.decode(body, skip_special_tokens=True)
-  lp = [float(x) for x in logprobs_C[:length]]
-  aligned = processor_lib.encode_completion(proc, text, add_eos=finished) == ids
-  prov = {"sampled_token_ids": ids, "finished": finished, "behaviour_logprobs_aligned": aligned}
-  if not aligned:
-    prov["sampled_logprobs"] = lp
-  return text, prov, lp if aligned else None
-
-
-def _padded_batches(items: list[Any], size: int) -> Iterable[tuple[list[Any], int]]:
-  """Batches of exactly `size` (the last one padded with copies of its first item, so shapes repeat) and the
-  number of real items in each."""
-  for i in range(0, len(items), size):
-    chunk = items[i : i + size]
-    yield chunk + [chunk[0]] * (size - len(chunk)), len(chunk)
-
-
-def write_from_checkpoint(
-    examples: Iterable[dict],
-    store_dir: str,
-    name: str,
-    checkpoint: str,
-    *,
-    k: int = 1,
-    temperature: float = 0.9,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    max_new_tokens: int = 512,
-    batch_size: int = 8,
-    seed: int = 0,
-    min_pixels: int | None = None,
-    max_pixels: int | None = None,
-    prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
-    templates: dict[str, str] | None = None,
-    dtype: str = "float32",
-    refuse_ids: RefuseIds = None,
-) -> dict:
-  """k samples per example from the HF checkpoint folder (weights + its own processor files), prompts built as the
-  trainer builds them (processor.prompt_batch). Behaviour log-probs are those of the distribution actually sampled
-  from (temperature, top-k, top-p applied); behaviour_tokenizer = the checkpoint folder. dtype: float32 | bfloat16
-  (weights and compute; one device, no mesh)."""
-  import jax  # the sampler and the policy are only needed here
-  import jax.numpy as jnp
-
-  from ekipl_jax import models, sampling
-
-  examples = list(examples)
-  check_refused([ex["id"] for ex in examples], refuse_ids, f"aux store writer {store_dir}")
-  checkpoint = os.path.abspath(checkpoint)
-  sp = {
-      "temperature": temperature,
-      "top_p": top_p,
-      "top_k": top_k,
-      "max_new_tokens": max_new_tokens,
-      "seed": seed,
-      "dtype": dtype,
-  }
-  written, skipped = 0, 0
-  with AuxStoreWriter(store_dir, refuse_ids=refuse_ids, sources=[name]) as w:
-    todo = [ex for ex in examples if not _done(w, ex["id"], name, k)]
-    skipped += k * (len(examples) - len(todo))
-    if not todo:
-      return _summary(name, store_dir, 0, skipped, [])
-    model, params = models.load_pretrained(checkpoint, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
-    proc = processor_lib.load(checkpoint, min_pixels, max_pixels)
-    with open(os.path.join(checkpoint, "config.json")) as f:
-      model_type = json.load(f).get("model_type", "")
-    for b, (batch, n_real) in enumerate(_padded_batches(todo, batch_size)):
-      pb = processor_lib.prompt_batch(proc, batch, prompt_buckets, templates)
-      out = sampling.generate(
-          model,
-          params,
-          pb["input_ids"],
-          pb["attention_mask"],
-          pb["pixel_values"],
-          pb["image_grid_thw"],
-          max_new_tokens=max_new_tokens,
-          temperature=temperature,
-          top_p=top_p,
-          top_k=top_k,
-          eos_token_ids=[proc.eos_token_id],
-          rng=jax.random.fold_in(jax.random.key(seed), b),
-          num_samples=k,
-          pad_token_id=proc.pad_token_id,
-          prompt_buckets=(pb["input_ids"].shape[1],),
-      )
-      tokens_NC, lengths_N, logp_NC = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
-      for i, ex in enumerate(batch[:n_real]):
-        for s in range(k):
-          row = i * k + s  # prompt-major rows
-          text, extra, lp = _row_record(proc, tokens_NC[row], int(lengths_N[row]), logp_NC[row])
-          prov = {
-              "kind": "checkpoint",
-              "model": checkpoint,
-              "model_type": model_type,
-              "batch": b,
-              "prompt": prompt_provenance(ex, templates),
-              **extra,
-          }
-          ok = w.append(
-              AuxResponse(
-                  id=ex["id"],
-                  source=name,
-                  sample=s,
-                  text=text,
-                  sampling=sp,
-                  behaviour_logprobs=lp,
-                  behaviour_tokenizer=checkpoint,
-                  provenance=prov,
-              )
-          )
-          written, skipped = written + ok, skipped + (not ok)
-  return _summary(name, store_dir, written, skipped, [])
+  return summary(name, store_dir, written, skipped, [])
 
 
 # ---------------------------------------------------------------------------------------------- (c) openai
@@ -498,4 +368,4 @@ def write_from_openai(
     finally:
       bar.close()
       pool.shutdown(wait=False, cancel_futures=True)
-  return _summary(name, store_dir, written, skipped, failures)
+  return summary(name, store_dir, written, skipped, failures)
