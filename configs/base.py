@@ -91,4 +91,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 2  # checkpoints kept
   c.log_every = 1  # steps between metric lines
   c.fail_at_step = -1  # testing only: raise at this step to exercise resume (-1: never)
+  # Stop with an error after this many consecutive steps whose update was skipped because the loss or gradient was
+  # not finite (SFT and RL; a skipped update leaves the weights unchanged). 0: never stop.
+  c.max_consecutive_skips = 3
+  # Resume although the config differs from workdir/config.json (the differing keys are printed and the old file
+  # is kept as config.<time>.json). False: such a resume is refused.
+  c.resume_changed = False
   return c

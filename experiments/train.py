@@ -1,7 +1,10 @@
 """Train: `python experiments/train.py --config configs/<x>.py [--config.key=value ...]`.
 
 Stage `sft` (CoT-SFT warm start), `rl` (GRPO / EKIPL) or `eval`, as `--config.stage` says. A rerun with the same workdir
-resumes from the latest checkpoint. An unknown `--config.key` is an error (ml_collections config_flags).
+resumes from the latest checkpoint; a rerun with another config is refused (listing the differing keys) unless
+`--config.resume_changed=True`, and a second run in a busy workdir is refused naming the first one's pid and host.
+An unknown `--config.key` is an error (ml_collections config_flags); bad values are refused, naming the key, before
+anything is loaded (ekipl_jax/train/validate.py). docs/GUIDE.md section 6: when things go wrong.
 Several hosts: the same command on each, with `--config.mesh.distributed=True` (docs/GUIDE.md section 3).
 """
 

@@ -24,6 +24,10 @@ class InjectedFailure(RuntimeError):
   """Raised at config.fail_at_step to test that a killed run resumes exactly."""
 
 
+class NonFiniteUpdates(RuntimeError):
+  """config.max_consecutive_skips steps in a row skipped their update (loss or gradient not finite)."""
+
+
 _BARRIER_COUNT = itertools.count()  # every process passes the same barriers in the same order: same keys
 
 
@@ -51,14 +55,25 @@ def run_loop(
       os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
   )
   writer = metrics_lib.MetricWriter(workdir)
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, meta = ckpt.restore(state)
-    start = int(meta["step"])
+  start, skips = 0, 0  # skips: consecutive steps whose update was skipped (non-finite loss or gradient)
+  try:
+    restored = ckpt.restore_latest(state, barrier)
+  except BaseException:
+    ckpt.close()  # orbax's background threads otherwise print their shutdown tracebacks
+    raise
+  if restored is not None:
+    state, meta = restored
+    start, skips = int(meta["step"]), int(meta.get("consecutive_skips", 0))
     writer.truncate_after(start)
     print(f"[{name}] resumed from {workdir}/checkpoints at step {start}")
-  elif eval_fn is not None and eval_every > 0:
-    writer.scalars(0, eval_fn(state, 0))
+  else:
+    dropped = writer.truncate_after(-1)  # lines of an earlier attempt that never reached a checkpoint
+    if dropped:
+      print(
+          f"[{name}] no checkpoint in {workdir}: starting at step 0, dropped {dropped} metric lines of an earlier run"
+      )
+    if eval_fn is not None and eval_every > 0:
+      writer.scalars(0, eval_fn(state, 0))
   try:
     bar = tqdm(
         range(start, total_steps),
@@ -84,6 +99,16 @@ def run_loop(
       if text_fn is not None and (eval_every <= 0 or done % eval_every == 0 or done == total_steps):
         for tag, body in text_fn().items():
           writer.text(done, tag, body)
+      skips = skips + 1 if m.get("skipped", 0) > 0 else 0
+      if 0 < cfg.max_consecutive_skips <= skips:
+        if done % cfg.log_every:  # the diverged step's line is always in metrics.jsonl
+          writer.scalars(done, m)
+        raise NonFiniteUpdates(
+            f"[{name}] step {done}: the last {skips} steps skipped their update because the loss or gradient was not "
+            f"finite (loss {m.get('loss')}, grad_norm {m.get('grad_norm')}; config key max_consecutive_skips="
+            f"{cfg.max_consecutive_skips}). Usual causes: a learning rate too high, NaN weights in model.init_from, "
+            "bad data; the weights are those of the last finite update (checkpoint in workdir/checkpoints)."
+        )
       bar.set_postfix(
           {
               k.split("/")[-1]: f"{v:.3g}"
@@ -91,7 +116,7 @@ def run_loop(
               if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")
           }
       )
-      ckpt.save(done, state, {"step": done}, force=done == total_steps)
+      ckpt.save(done, state, {"step": done, "consecutive_skips": skips}, force=done == total_steps)
   finally:  # a failing step still leaves the last checkpoint complete on disk
     ckpt.close()
     writer.close()

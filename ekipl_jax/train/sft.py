@@ -2,6 +2,10 @@
 "<think>\\n{cot}\\n</think>\\n<answer>\\n{answer}\\n</answer><|im_end|>" after the prompt.
 
     L(theta) = - sum_{r,t} m_rt log pi_theta(y_rt | x_r, y_r,<t) / sum_{r,t} m_rt
+
+Non-finite skip, as the RL update step (rl/update.py): when the loss or the gradient norm is not finite, params and
+optimizer state stay exactly as they were (the lr schedule does not advance), state.skipped_steps grows by one and
+the step's metrics say skipped=1; the loop stops the run after config.max_consecutive_skips such steps in a row.
 """
 
 from __future__ import annotations
@@ -14,8 +18,8 @@ import optax
 
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import packed
-from ekipl_jax.rl import update
 from ekipl_jax.train import batching
+from ekipl_jax.train_state import TrainState
 
 
 def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: int, *, state_sharding: Any = None):
@@ -26,11 +30,22 @@ def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: in
     m_RC = batch["mask"].astype(jnp.float32)
     return -jnp.sum(logp_RC * m_RC) / jnp.maximum(jnp.sum(m_RC), 1.0)
 
-  def step(state: update.TrainState, batch: dict, P: int):
+  def step(state: TrainState, batch: dict, P: int):
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, P)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state)
-    return state, {"loss": loss, "grad_norm": optax.global_norm(grads), "tokens": jnp.sum(batch["mask"])}
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)
+    updates, opt_state = optimizer.update(safe, state.opt_state, state.params)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    skipped = (~ok).astype(jnp.int32)
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(optax.apply_updates(state.params, updates), state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped_steps=state.skipped_steps + skipped,
+    )
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": jnp.sum(batch["mask"])}
+    return state, {**metrics, "skipped": skipped, "skipped_steps": state.skipped_steps}
 
   out_shardings = None if state_sharding is None else (state_sharding, None)
   return jax.jit(step, donate_argnames=("state",), static_argnames=("P",), out_shardings=out_shardings)

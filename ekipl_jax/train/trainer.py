@@ -7,11 +7,13 @@ eval: evaluate model.init_from on data.eval_splits
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Callable, TypeVar
 
 import jax
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -22,7 +24,8 @@ from ekipl_jax.rl import update
 from ekipl_jax.sampling import aux_store
 from ekipl_jax.train import data as data_lib
 from ekipl_jax.train import evaluate as eval_lib
-from ekipl_jax.train import loop, policy, rl, sft
+from ekipl_jax.train import loop, policy, rl, sft, validate
+from ekipl_jax.train import workdir as workdir_lib
 
 T = TypeVar("T")
 
@@ -197,17 +200,26 @@ def run_rl(cfg, model, params, proc, builder, mesh):
 
 
 def run(cfg) -> dict:
-  """Runs the stage; returns {"hf": folder of the trained policy, "metrics": metric lines}."""
-  if cfg.stage not in ("sft", "rl", "eval"):
-    raise ValueError(f"config key stage: unknown stage {cfg.stage!r} (sft | rl | eval)")
+  """Runs the stage; returns {"hf": folder of the trained policy, "metrics": metric lines}. Before anything is
+  loaded: the config is validated (validate.py), the workdir locked (process 0; a second run there is refused) and
+  its config.json compared with cfg (a resume with another config is refused unless cfg.resume_changed)."""
+  validate.config(cfg)
   if cfg.stage == "rl" and cfg.rl.selection != "none" and not cfg.aux.store:
     raise ValueError(f"config key aux.store: selection {cfg.rl.selection!r} needs an auxiliary trajectory store")
   if cfg.mesh.distributed:
     start_distributed(cfg.mesh)
-  if jax.process_index() == 0:
-    os.makedirs(cfg.workdir, exist_ok=True)
-    with open(os.path.join(cfg.workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json(indent=1))
+  validate.mesh(cfg, jax.device_count())
+  with contextlib.ExitStack() as held:
+    if jax.process_index() == 0:
+      held.enter_context(workdir_lib.lock(cfg.workdir))
+    changed = workdir_lib.check_config(cfg.workdir, cfg)  # every process reads it, so every process refuses alike
+    loop.barrier("config_checked")  # before process 0 replaces the file
+    if jax.process_index() == 0:
+      workdir_lib.write_config(cfg.workdir, cfg, keep_old=bool(changed))
+    return _run_stage(cfg)
+
+
+def _run_stage(cfg) -> dict:
   mesh, builder, init_from, model, params, proc = setup(cfg)
   if cfg.stage == "eval":
     metrics = make_eval_fn(cfg, model, proc, builder, cfg.workdir)(params, 0)
@@ -219,7 +231,24 @@ def run(cfg) -> dict:
     params, lines = run_rl(cfg, model, params, proc, builder, mesh)
   out_dir = os.path.join(cfg.workdir, "hf")
   params = jax.tree.map(sharding.to_host, params)  # an all-gather every process joins, when fsdp spans processes
+  check_finite(params, out_dir)  # on every process (each holds the gathered weights): all refuse alike
   if jax.process_index() == 0:
     models.save_pretrained(model, params, out_dir, processor_dir=init_from)
   loop.barrier("hf_export")  # the folder is complete on every process's return
   return {"hf": out_dir, "metrics": lines}
+
+
+def check_finite(params, out_dir: str) -> None:
+  """Refuses to export weights with NaN or inf entries (ValueError naming the tensors)."""
+  bad, total = [], 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    total += 1
+    n = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
+    if n:
+      bad.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({n} of {np.size(x)} entries)")
+  if bad:
+    raise ValueError(
+        f"refusing to export {out_dir}: {len(bad)} of {total} tensors hold NaN or inf values: "
+        + ", ".join(bad[:5])
+        + (" ..." if len(bad) > 5 else "")
+    )
