@@ -303,13 +303,13 @@ def missed(s: dict, t: dict, u: dict) -> list[str]:
   if u["mfu_vs_matmul_peak"] < 0.4:
     lines.append(
         f"- update step ({u['mfu_vs_matmul_peak']:.0%} of the measured matmul peak < 40%): an XLA CPU profile of "
-        "the step before this suite's decoder change (jax.profiler, grouped by HLO fusion) showed ~45% of its "
+        "the step with token-major ([B, T, H, Dh]) attention operands (jax.profiler, grouped by HLO fusion) showed ~45% of its "
         "time in matmuls (themselves at about "
         "half of the square-matmul peak: skinny [B*T, 512] x [512, 1536] shapes on 2 threads) and ~35% in "
         "layout copies XLA inserts around transposed-operand GEMMs of the backward pass: the weight gradients "
         "(the SwiGLU gate/up cotangents are written transposed, [F, B*T], ~0.45 s per layer) and the attention "
-        "probabilities ([B, K, G, T, S], 134 MB per layer). The attention ones are now removed (head-major q/k/v in "
-        "models/decoder.py, which is what this run measures); the MLP ones remain (XLA picks the larger operand to transpose; the flags "
+        "probabilities ([B, K, G, T, S], 134 MB per layer). Head-major q/k/v in models/decoder.py (what this run "
+        "measures) avoid the attention ones; the MLP ones remain (XLA picks the larger operand to transpose; the flags "
         "`--xla_cpu_use_onednn`, `--xla_cpu_use_xnnpack=false` and disabling YNNPACK fusions did not change "
         "the step time beyond noise). Attention's [T, S] softmax and mask (~4% of the FLOPs) is memory-bound "
         "elementwise work on 134 MB tensors per layer."

@@ -4,9 +4,9 @@ Legend: B batch, T new tokens, S key slots (= T without a cache, = cache length 
 K kv heads, G = H / K, Dh head dim, F mlp width, L layers.
 
 Attention puts q, k, v head-major ([B, K, (G,) T, Dh]) before the two einsums: the [T, S] scores and probabilities
-then need no transposes in either pass (on CPU XLA otherwise inserts copies of them: a fifth of the update step's time
-before this; see docs/BENCHMARKS.md). For the same reason a layer's KV cache buffer is head-major, [B, K, S, Dh]: with
-[B, S, K, Dh] XLA copied (transposed) every layer's cache twice per decode step.
+then need no transposes in either pass (with [B, T, H, Dh] operands XLA on CPU inserts copies of them, measured at a
+fifth of the update step's time; see docs/BENCHMARKS.md). For the same reason a layer's KV cache buffer is
+head-major, [B, K, S, Dh]: with [B, S, K, Dh] XLA copies (transposes) every layer's cache twice per decode step.
 
 Parameter names mirror transformers (`layers_i.self_attn.q_proj.kernel` <-> `layers.i.self_attn.q_proj.weight`);
 each parameter declares its logical axes once through `nn.with_logical_partitioning`.
