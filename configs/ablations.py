@@ -9,9 +9,11 @@ MODEL,TASK default to qwen2_vl_2b,counting; the starting point is configs/paper.
   k=INT            K stored responses read per external model per prompt (the store needs that many: --k=K)
   g=INT            G kept rows per prompt; also sets N = G policy samples (as the paper configs do)
   n=INT            N policy samples per prompt (applied after g)
-  selection=S      ekipl (top G of the pool) | none (GRPO) | all (the whole pool, N + M*K rows) | replace (LUFFY:
-                   G - 1 policy rows and 1 external row, reward-blind)
-  treatment=T      how external tokens enter the loss (ekipl_jax/rl/loss.py): paper | luffy | importance | rlplus
+  selection=S      a registered selection rule (ekipl_jax/rl/selection.py RULES): ekipl (top G of the pool) | none
+                   (GRPO) | all (the whole pool, N + M*K rows) | replace (LUFFY: G - 1 policy rows and 1 external
+                   row, reward-blind)
+  treatment=T      a registered external-token treatment (ekipl_jax/rl/loss.py TREATMENTS): paper | luffy |
+                   importance | importance_tis | rlplus
 
 e.g. `--config configs/ablations.py:m=1`, `--config configs/ablations.py:qwen2_5_vl_3b,spatial,g=4,k=2`.
 Only the named knobs change (a one-factor ablation); a knob's side settings are listed below.
@@ -19,8 +21,8 @@ Only the named knobs change (a one-factor ablation); a knob's side settings are 
     Dr. GRPO aggregation, beta 0, an entropy bonus and 1 external of 8: add `--config.rl.adv_std=none
     --config.rl.aggregation=seq_mean_token_sum_norm --config.rl.beta=0 --config.rl.entropy_coef=0.001`
     and `selection=replace`.
-  - treatment=importance needs the behaviour model's per-token log-probs in the store: API models (GPT-4o, Gemini)
-    return none for our tokenizer, so their rows fall back to 'paper'. It sets the sources to one local external
+  - treatment=importance (and importance_tis) needs the behaviour model's per-token log-probs in the store: API
+    models (GPT-4o, Gemini) return none for our tokenizer, so their rows fall back to 'paper'. It sets the sources to one local external
     checkpoint (EXTERNAL_CHECKPOINT, written with `precompute_aux.py --source=checkpoint --dtype=bfloat16`, which
     samples on one device, so the model must fit one accelerator) and aux.behaviour_tokenizer to the string
     precompute_aux records (the absolute --checkpoint path). The log-probs are used for a row only when that string
@@ -32,13 +34,14 @@ Only the named knobs change (a one-factor ablation); a knob's side settings are 
 import ml_collections
 
 from configs import paper
+from ekipl_jax.rl import loss, selection
 
 EXTERNAL_MODELS = paper.EXTERNAL_MODELS + ("qwen2.5-vl-72b",)  # m picks the first m
 EXTERNAL_CHECKPOINT = "/checkpoints/Qwen2.5-VL-7B-Instruct"  # treatment=importance: absolute path, as recorded
 IMPORTANCE_SOURCE = "Qwen2.5-VL-7B-Instruct"  # precompute_aux's default --name for that checkpoint (folder name)
 KNOBS = ("m", "k", "g", "n", "selection", "treatment")
-SELECTIONS = ("ekipl", "none", "all", "replace")
-TREATMENTS = ("paper", "luffy", "importance", "rlplus")
+SELECTIONS = selection.RULES.names  # the registered selection rules
+TREATMENTS = loss.TREATMENTS.names  # the registered external-token treatments
 
 # One variant per knob value (the ablation grid a paper table would show); every one loads (tests/test_configs.py).
 VARIANTS = (
@@ -91,16 +94,16 @@ def get_config(arg: str = "m=2") -> ml_collections.ConfigDict:
   if "selection" in knobs:
     if knobs["selection"] not in SELECTIONS:
       raise ValueError(f"configs/ablations.py: selection={knobs['selection']!r} not in {SELECTIONS}")
-    c.rl.selection = knobs["selection"]  # ekipl | none | all | replace
+    c.rl.selection = knobs["selection"]  # a registered selection rule
     c.rl.num_replace = 1  # 'replace': 1 external row replaces 1 policy row (LUFFY: 1 of 8)
-    if c.rl.selection == "none":  # plain GRPO reads no store
+    if not selection.reads_store(c.rl.selection):  # plain GRPO reads no store
       c.aux.store, c.aux.sources = "", ()
   if "treatment" in knobs:
     if knobs["treatment"] not in TREATMENTS:
       raise ValueError(f"configs/ablations.py: treatment={knobs['treatment']!r} not in {TREATMENTS}")
-    c.rl.external_treatment = knobs["treatment"]  # paper | luffy | importance | rlplus
-    if c.rl.external_treatment == "importance":
+    c.rl.external_treatment = knobs["treatment"]  # a registered treatment
+    if loss.TREATMENTS.info[c.rl.external_treatment].get("needs_behaviour"):
       c.aux.sources = (IMPORTANCE_SOURCE,)  # a store source written by --source=checkpoint (has log-probs)
       c.aux.behaviour_tokenizer = EXTERNAL_CHECKPOINT  # must equal the behaviour_tokenizer recorded in the store
-      c.rl.is_max = 2.0  # rho = pi_theta / pi_behaviour truncated at 2
+      c.rl.is_max = 2.0  # the cap C of the importance weight
   return c

@@ -111,3 +111,25 @@ def test_advantages_policy_stats_luffy_zero_std_and_single_row():
   # 'all' is unchanged: group 0 mean 2/3, std of [0, 0, 2] = 2/sqrt(3).
   A = advantages.compute(r[:3], [0, 0, 0], [0, 0, 1], _cfg())
   np.testing.assert_allclose(A, (np.array([0, 0, 2]) - 2 / 3) / (2 / np.sqrt(3) + 1e-4), rtol=1e-6)
+
+
+def test_registries_feed_the_config_lists_and_take_a_new_rule():
+  from configs import ablations
+
+  assert ablations.SELECTIONS == selection.RULES.names == ("ekipl", "none", "all", "replace")
+  assert ablations.TREATMENTS == ("paper", "luffy", "importance", "importance_tis", "rlplus")
+  assert not selection.reads_store("none") and selection.reads_store("ekipl")
+  with pytest.raises(ValueError, match="config key rl.selection: unknown value 'top'"):
+    selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="top"))
+  with pytest.raises(ValueError, match="config key rl.adv_std: unknown value 'max'"):
+    advantages.compute([1.0, 0.0], [0, 0], [0, 0], _cfg(adv_std="max"))
+
+  @selection.RULES.register("last_g")  # a new rule is one function and one decorator
+  def _last_g(rows, rewards_R, sources_R, cfg):
+    return rows[-cfg.group_size :]
+
+  try:
+    keep, _ = selection.select(REWARDS, SOURCES, PROMPT, _cfg(selection="last_g"))
+    np.testing.assert_array_equal(keep, [4, 5, 6, 7, 12, 13, 14, 15])
+  finally:
+    del selection.RULES["last_g"], selection.RULES.info["last_g"]

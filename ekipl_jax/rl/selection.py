@@ -1,12 +1,12 @@
 """EKIPL group formation (host-side numpy): which pool rows of each prompt enter the update, and source metrics.
 
-Pool layout (sampling/groups.py): per prompt, N policy rows (source 0) then K rows of each external model
+Pool layout (sampling/groups.py): per prompt, N policy rows (source 0) then K rows of each of the M external models
 (source 1..M). Arrays are pool-row aligned: rewards_R, sources_R, prompt_index_R (R = pool rows).
 
-Modes (cfg.selection):
+Registered rules (RULES, cfg.selection); each keeps G = cfg.group_size rows of one prompt's pool:
   'ekipl'   keep the top G rows by reward. Tie rule: higher reward first, then policy before external, then lower
             position in the pool (so the result never depends on sort stability).
-  'none'    plain GRPO: the first G policy rows.
+  'none'    plain GRPO: the first G policy rows (reads no external store: reads_store=False).
   'all'     the whole pool of each prompt (group size N + M*K).
   'replace' LUFFY: the first G - k policy rows and the first k external rows (pool order, reward-blind).
 Kept rows are returned prompt-major (prompts in order of first appearance), each group in pool order.
@@ -16,6 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from ekipl_jax.rl.registry import Registry
+
+RULES = Registry("rl.selection")  # (rows, rewards_R, sources_R, cfg) -> kept pool rows; info: reads_store
+
+
+def reads_store(name: str) -> bool:
+  """Whether selection rule `name` uses external rows (so the run needs an auxiliary store)."""
+  RULES.lookup(name)
+  return RULES.info[name].get("reads_store", True)
+
 
 def _group_rows(prompt_index_R: np.ndarray) -> list[np.ndarray]:
   """Pool row indices of each prompt, prompts in order of first appearance, rows in pool order."""
@@ -23,27 +33,39 @@ def _group_rows(prompt_index_R: np.ndarray) -> list[np.ndarray]:
   return [np.flatnonzero(prompt_index_R == prompt_index_R[f]) for f in np.sort(first)]
 
 
-def _select_group(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
-  G, mode = cfg.group_size, cfg.selection
-  policy, external = rows[sources_R[rows] == 0], rows[sources_R[rows] > 0]
-  if mode == "all":
-    return rows
-  if mode == "none":
-    if len(policy) < G:
-      raise ValueError(f"selection 'none' needs >= G={G} policy rows per prompt, got {len(policy)}")
-    return policy[:G]
-  if mode == "replace":
-    k = cfg.num_replace
-    if len(policy) < G - k or len(external) < k:
-      raise ValueError(f"selection 'replace' needs {G - k} policy and {k} external rows per prompt")
-    return np.concatenate([policy[: G - k], external[:k]])
-  if mode == "ekipl":
-    if len(rows) < G:
-      raise ValueError(f"selection 'ekipl' needs a pool of >= G={G} rows per prompt, got {len(rows)}")
-    # np.lexsort: last key is primary. Primary: -reward; then is_external; then pool position.
-    order = np.lexsort((rows, sources_R[rows] > 0, -rewards_R[rows]))
-    return np.sort(rows[order[:G]])
-  raise ValueError(f"unknown selection {mode!r}")
+def _split(rows: np.ndarray, sources_R) -> tuple[np.ndarray, np.ndarray]:
+  return rows[sources_R[rows] == 0], rows[sources_R[rows] > 0]
+
+
+@RULES.register("ekipl")
+def _ekipl(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
+  G = cfg.group_size
+  if len(rows) < G:
+    raise ValueError(f"selection 'ekipl' needs a pool of >= G={G} rows per prompt, got {len(rows)}")
+  # np.lexsort: last key is primary. Primary: -reward; then is_external; then pool position.
+  order = np.lexsort((rows, sources_R[rows] > 0, -rewards_R[rows]))
+  return np.sort(rows[order[:G]])
+
+
+@RULES.register("none", reads_store=False)
+def _none(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
+  G, (policy, _) = cfg.group_size, _split(rows, sources_R)
+  if len(policy) < G:
+    raise ValueError(f"selection 'none' needs >= G={G} policy rows per prompt, got {len(policy)}")
+  return policy[:G]
+
+
+@RULES.register("all")
+def _all(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
+  return rows
+
+
+@RULES.register("replace")
+def _replace(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
+  G, k, (policy, external) = cfg.group_size, cfg.num_replace, _split(rows, sources_R)
+  if len(policy) < G - k or len(external) < k:
+    raise ValueError(f"selection 'replace' needs {G - k} policy and {k} external rows per prompt")
+  return np.concatenate([policy[: G - k], external[:k]])
 
 
 def _masked_mean(x: np.ndarray, m: np.ndarray) -> float:
@@ -74,6 +96,7 @@ def select(rewards_R, sources_R, prompt_index_R, cfg, accuracy_R=None) -> tuple[
   sources_R = np.asarray(sources_R, np.int64)
   prompt_index_R = np.asarray(prompt_index_R)
   acc = None if accuracy_R is None else np.asarray(accuracy_R, np.float64)
-  keep = [_select_group(rows, rewards_R, sources_R, cfg) for rows in _group_rows(prompt_index_R)]
+  rule = RULES.lookup(cfg.selection)
+  keep = [rule(rows, rewards_R, sources_R, cfg) for rows in _group_rows(prompt_index_R)]
   keep_idx = np.concatenate(keep).astype(np.int64) if keep else np.zeros((0,), np.int64)
   return keep_idx, source_metrics(keep_idx, rewards_R, sources_R, prompt_index_R, acc)
