@@ -11,7 +11,7 @@ from ekipl_jax import models, sharding
 from ekipl_jax.rl import update
 from ekipl_jax.rl.batch import UpdateBatch
 from hf_fixtures import TEXT_VOCAB, tiny_config_dict
-from test_rl_update import rl_cfg
+from test_rl_update import replicate, rl_cfg
 
 B, P, C = 8, 4, 5
 
@@ -43,7 +43,7 @@ def _run(model, params, cfg, batch, mesh=None):
   state = update.init_state(params, opt)
   kw = {}
   if mesh is not None:
-    state, batch = update.replicate(state, mesh), update.shard_batch(batch, mesh)
+    state, batch = replicate(state, mesh), update.shard_batch(batch, mesh)
     kw["state_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = update.make_train_step(functools.partial(_logprob_fn, model), opt, cfg, **kw)
   state, m = step(state, batch)

@@ -63,6 +63,12 @@ def rl_cfg(**kw):
   return c
 
 
+def replicate(tree, mesh):
+  """Every leaf fully replicated over the mesh (multi-process safe: each process passes the same values)."""
+  s = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.tree.map(lambda x: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]), tree)
+
+
 def run_steps(cfg, batch, n_steps=1, optimizer=None, mesh=None, params=None):
   """Returns (params as numpy, list of metrics as numpy)."""
   optimizer = optimizer or optax.sgd(1.0)
@@ -71,7 +77,7 @@ def run_steps(cfg, batch, n_steps=1, optimizer=None, mesh=None, params=None):
   step_fn, state_sharding = update.make_train_step(toy_logprob_fn, optimizer, cfg), None
   if mesh is not None:
     state_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    state = update.replicate(state, mesh)
+    state = replicate(state, mesh)
     batch = update.shard_batch(batch, mesh)
     step_fn = update.make_train_step(toy_logprob_fn, optimizer, cfg, state_sharding=state_sharding)
   metrics = []

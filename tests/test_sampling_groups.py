@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ekipl_jax.sampling.aux_store import AuxResponse, AuxStore, AuxStoreError, AuxStoreWriter
-from ekipl_jax.sampling.groups import assemble, repeat_images
+from ekipl_jax.sampling.groups import Codec, assemble, repeat_images
 
 EOS, PAD = 1, 0
 WORDS = {w: i + 10 for i, w in enumerate("a b c d e f g h i j k l".split())}
@@ -21,19 +21,24 @@ def detokenize(ids):
   return " ".join(INV[i] for i in ids)
 
 
-def _policy(B, G, C):
+CODEC = Codec(tokenize, detokenize, end_ids=(EOS,), eos_token_ids=(EOS,), pad_id=PAD)
+
+
+def _policy(B, N, C):
   """Fake sampler output: row n has n % C + 1 tokens, the last one EOS except for full-length rows."""
-  tokens = np.full((B * G, C), PAD, np.int32)
-  lengths = np.zeros(B * G, np.int32)
-  logp = np.zeros((B * G, C), np.float32)
-  for n in range(B * G):
+  tokens = np.full((B * N, C), PAD, np.int32)
+  lengths = np.zeros(B * N, np.int32)
+  logp = np.zeros((B * N, C), np.float32)
+  plogp = np.zeros((B * N, C), np.float32)
+  for n in range(B * N):
     ln = n % C + 1
     tokens[n, :ln] = 10 + n % 5
     if ln < C:
       tokens[n, ln - 1] = EOS
     lengths[n] = ln
     logp[n, :ln] = -0.5
-  return types.SimpleNamespace(tokens=tokens, lengths=lengths, logprobs=logp)
+    plogp[n, :ln] = -1.0 - n
+  return types.SimpleNamespace(tokens=tokens, lengths=lengths, logprobs=logp, policy_logprobs=plogp)
 
 
 @pytest.fixture
@@ -58,24 +63,20 @@ def store(tmp_path):
 
 
 def test_assemble_layout(store):
-  B, G, C, P = 3, 2, 5, 4
+  B, N, C, P = 3, 2, 5, 4
   prompt_ids = np.arange(B * P).reshape(B, P)
   prompt_mask = np.ones((B, P), np.int32)
   prompt_mask[1, :2] = 0
-  policy = _policy(B, G, C)
+  policy = _policy(B, N, C)
   g = assemble(
       prompt_ids,
       prompt_mask,
       ["p0", "p1", "p2"],
       policy,
       store,
-      tokenize=tokenize,
-      detokenize=detokenize,
-      end_ids=[EOS],
-      eos_token_ids=[EOS],
+      CODEC,
       source_names=["gpt-4o", "gemini"],
       k_per_source=2,
-      pad_id=PAD,
       tokenizer_name="tiny",
   )
   assert g.source_names == ("policy", "gpt-4o", "gemini")
@@ -91,6 +92,9 @@ def test_assemble_layout(store):
   np.testing.assert_array_equal(g.completion_ids_RC[pol], policy.tokens)
   np.testing.assert_array_equal(g.completion_mask_RC[pol].sum(1), policy.lengths)
   assert g.has_behaviour_R[pol].all()
+  # the sampler's temperature-scaled log-probs ride along with each policy row (0 on external rows)
+  np.testing.assert_array_equal(g.sampler_logp_RC[pol], policy.policy_logprobs)
+  assert (g.sampler_logp_RC[g.source_R > 0] == 0).all()
   np.testing.assert_array_equal(g.truncated_R[pol], policy.lengths == C)  # rows that never sampled EOS
   # external rows: tokens + EOS, right padded, in sample order
   np.testing.assert_array_equal(g.completion_ids_RC[2], [WORDS["f"], EOS, PAD, PAD, PAD])
@@ -119,10 +123,7 @@ def test_no_store_gives_policy_only():
       ["a", "b"],
       policy,
       None,
-      tokenize=tokenize,
-      detokenize=detokenize,
-      end_ids=[EOS],
-      eos_token_ids=[EOS],
+      Codec(tokenize, detokenize, (EOS,), (EOS,)),
       source_names=[],
       k_per_source=1,
   )
@@ -143,10 +144,7 @@ def test_malformed_record_raises_with_id_and_file(tmp_path):
         ["p0"],
         _policy(1, 1, 3),
         AuxStore(root),
-        tokenize=tokenize,
-        detokenize=detokenize,
-        end_ids=[EOS],
-        eos_token_ids=[EOS],
+        CODEC,
         source_names=["gpt-4o"],
         k_per_source=1,
     )

@@ -27,34 +27,16 @@ external} the ratio pi_theta / pi_old by source, all over every epoch; skipped (
 
 from typing import Any, Callable, Optional
 
-import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from ekipl_jax.rl import loss as rl_loss
 from ekipl_jax.rl.batch import UpdateBatch
+from ekipl_jax.train_state import TrainState, init_state, shard_batch  # noqa: F401 (the step's state and placement)
 
 Array = jax.Array
 LogprobFn = Callable[[Any, dict], tuple[Array, Optional[Array]]]
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: Array  # train_step calls (batches consumed)
-  params: Any
-  opt_state: Any
-  skipped_steps: Array  # updates skipped because the loss or gradient was not finite
-
-
-def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=optimizer.init(params),
-      skipped_steps=jnp.zeros((), jnp.int32),
-  )
 
 
 def lr_schedule(ocfg) -> optax.Schedule:
@@ -190,27 +172,3 @@ def make_train_step(
 
   out_shardings = None if state_sharding is None else (state_sharding, None)
   return jax.jit(train_step, donate_argnames=("state",), out_shardings=out_shardings)
-
-
-def shard_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
-  """Global arrays, leading axis on the logical "batch" axis (ekipl_jax.sharding rules: data x fsdp). Every process
-  passes the same global batch (host numpy) and keeps only its own devices' slices."""
-  from ekipl_jax import sharding  # the mesh rules live there
-
-  def one(x):
-    x = np.asarray(x)
-    s = sharding.logical_sharding(("batch",) + (None,) * (x.ndim - 1), mesh, shape=x.shape)
-    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
-
-  return jax.tree.map(one, batch)
-
-
-def replicate(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-  """Every leaf fully replicated over the mesh (multi-process safe: each process passes the same values)."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def one(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-  return jax.tree.map(one, tree)

@@ -17,10 +17,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ekipl_jax import models, sharding
+from ekipl_jax import models, sharding, train_state
 from ekipl_jax.data import builders
 from ekipl_jax.data import processor as processor_lib
-from ekipl_jax.rl import update
+from ekipl_jax.rl import selection, update
 from ekipl_jax.sampling import aux_store
 from ekipl_jax.train import data as data_lib
 from ekipl_jax.train import evaluate as eval_lib
@@ -87,11 +87,11 @@ def setup(cfg):
 
 
 def make_eval_fn(cfg, model, proc, builder, workdir: str):
-  sets = rl.eval_examples(cfg, builder, cfg.data.eval_splits)
+  sets = {s: data_lib.first(data_lib.source(builder, s), cfg.eval.num_examples) for s in cfg.data.eval_splits}
   templates = cfg.data.prompt_templates.to_dict() or None
 
   def eval_fn(state_or_params, step: int) -> dict:
-    params = state_or_params.params if isinstance(state_or_params, update.TrainState) else state_or_params
+    params = state_or_params.params if isinstance(state_or_params, train_state.TrainState) else state_or_params
     out = {}
     for split, examples in sets.items():
       m, preds = eval_lib.evaluate(
@@ -115,27 +115,29 @@ def make_eval_fn(cfg, model, proc, builder, workdir: str):
   return eval_fn
 
 
-def state_sharding(params, optimizer, mesh) -> update.TrainState:
+def state_sharding(params, optimizer, mesh) -> train_state.TrainState:
   """Shardings of the train state: the optimizer's moments take their parameters' shardings, every other leaf (step
   counters) is replicated. Left to jit, the moments (zeros, independent of the params) came out replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  abstract = jax.eval_shape(lambda p: update.init_state(p, optimizer), params)
+  abstract = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), params)
   params_sharding = jax.tree.map(lambda x: x.sharding, params)
   opt_sharding = optax.tree_map_params(
       optimizer, lambda _, s: s, abstract.opt_state, params_sharding, transform_non_params=lambda _: replicated
   )
-  return update.TrainState(step=replicated, params=params_sharding, opt_state=opt_sharding, skipped_steps=replicated)
+  return train_state.TrainState(
+      step=replicated, params=params_sharding, opt_state=opt_sharding, skipped_steps=replicated
+  )
 
 
-def init_state(params, optimizer, shardings: update.TrainState) -> update.TrainState:
-  return jax.jit(lambda p: update.init_state(p, optimizer), out_shardings=shardings)(params)
+def init_state(params, optimizer, shardings: train_state.TrainState) -> train_state.TrainState:
+  return jax.jit(lambda p: train_state.init_state(p, optimizer), out_shardings=shardings)(params)
 
 
-def abstract_state(params, optimizer, mesh) -> tuple[update.TrainState, update.TrainState]:
+def abstract_state(params, optimizer, mesh) -> tuple[train_state.TrainState, train_state.TrainState]:
   """(the train state as ShapeDtypeStructs carrying their shardings, the shardings): what init_state places, with
   nothing allocated. params: arrays or ShapeDtypeStructs with shardings (experiments/aot.py compiles with these)."""
   shardings = state_sharding(params, optimizer, mesh)
-  shapes = jax.eval_shape(lambda p: update.init_state(p, optimizer), params)
+  shapes = jax.eval_shape(lambda p: train_state.init_state(p, optimizer), params)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings), shardings
 
 
@@ -151,7 +153,7 @@ def run_sft(cfg, model, params, proc, builder, mesh):
   def step_fn(state, i):
     examples = data_lib.read(src, data_lib.indices_for_step(len(src), cfg.seed, i, cfg.sft.batch_size, limit=n))
     batch, P = sft.make_batch(model, proc, examples, cfg)
-    return step(state, update.shard_batch(batch, mesh), P)
+    return step(state, train_state.shard_batch(batch, mesh), P)
 
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   state, lines = loop.run_loop("sft", cfg, cfg.workdir, state, steps, step_fn, eval_fn, cfg.eval.every)
@@ -161,7 +163,7 @@ def run_sft(cfg, model, params, proc, builder, mesh):
 def run_rl(cfg, model, params, proc, builder, mesh):
   src = data_lib.source(builder, cfg.data.train_split)
   store = None
-  if cfg.rl.selection != "none":  # contamination guard: no stored response may belong to an evaluation example
+  if selection.reads_store(cfg.rl.selection):  # contamination guard: no stored response may be an evaluation example
     eval_ids = {ex["id"] for s in cfg.data.eval_splits for ex in data_lib.first(data_lib.source(builder, s), 0)}
     store = aux_store.open_store(cfg.aux.store, refuse_ids=eval_ids)
     # coverage: every aux.sources source in the store, for at least aux.min_coverage of the training ids
@@ -185,16 +187,22 @@ def run_rl(cfg, model, params, proc, builder, mesh):
     ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
   state = init_state(params, optimizer, shardings)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
+  last_group = {"group_of_first_prompt": ""}  # the latest step's first group, logged as text at evaluation steps
+
+  def step_fn(s, i):
+    s, metrics, last_group["group_of_first_prompt"] = rl.rl_step(ctx, s, i)
+    return s, metrics
+
   state, lines = loop.run_loop(
       "rl",
       cfg,
       cfg.workdir,
       state,
       cfg.rl.steps,
-      lambda s, i: rl.rl_step(ctx, s, i),
+      step_fn,
       eval_fn,
       cfg.eval.every,
-      text_fn=lambda: {"group_of_first_prompt": ctx.last_group_text},
+      text_fn=lambda: dict(last_group),
   )
   return state.params, lines
 
@@ -204,7 +212,7 @@ def run(cfg) -> dict:
   loaded: the config is validated (validate.py), the workdir locked (process 0; a second run there is refused) and
   its config.json compared with cfg (a resume with another config is refused unless cfg.resume_changed)."""
   validate.config(cfg)
-  if cfg.stage == "rl" and cfg.rl.selection != "none" and not cfg.aux.store:
+  if cfg.stage == "rl" and selection.reads_store(cfg.rl.selection) and not cfg.aux.store:
     raise ValueError(f"config key aux.store: selection {cfg.rl.selection!r} needs an auxiliary trajectory store")
   if cfg.mesh.distributed:
     start_distributed(cfg.mesh)
