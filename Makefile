@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 HASH := $(shell cat setup.py | md5sum | cut -c1-8)
 PYTEST_ARGS ?=
 
-.PHONY: install install-test install-tpu lint format demo test test-fast bench aot tpu-plan clean
+.PHONY: install install-test install-tpu lint format demo ablations test test-fast bench aot tpu-plan clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ format: $(BIN)/python $(VENV)/.pyink
 # The embedded demo: synthetic data, tiny policy, SFT, then GRPO vs EKIPL; writes results/.
 demo: install
 	$(BIN)/python experiments/demo.py --out results
+
+# Every ablation axis on the demo task, from make demo's SFT checkpoint (trained if missing), 3 seeds; resumable.
+# Runs under results/ablations/, writes docs/ABLATIONS.md and docs/ablations_*.png.
+ablations: install
+	$(BIN)/python experiments/ablations.py --out results --doc docs/ABLATIONS.md
 
 # The whole suite (slow tests included), two workers. tests/test_aot.py runs experiments/aot.py in .venv-tpu.
 test: install-test install-tpu
