@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,7 +104,7 @@ def test_config_roundtrip(family):
 def test_param_names_roundtrip(family):
   tower, params = jax_tower(family)
   sd = {k: v.detach().numpy() for k, v in hf_visual(family).state_dict().items()}
-  init = tower.init(jax.random.PRNGKey(0), pixels(GRIDS["one"]), np.asarray(GRIDS["one"]))
+  init = nn.unbox(tower.init(jax.random.PRNGKey(0), pixels(GRIDS["one"]), np.asarray(GRIDS["one"])))
   shapes = lambda t: jax.tree_util.tree_map(np.shape, t)
   assert shapes(init) == shapes(params)
   back = vision.state_dict_from_params(params["params"], tower.config)

@@ -37,7 +37,22 @@ def init(
   return model, params
 
 
+def frozen_copy(params: dict, compute_dtype) -> dict:
+  """A copy of `params` for a frozen policy that is only run forward (the RL reference), in a new buffer per leaf,
+  each placed like its source: matrices (kernels, embeddings; all but a sliver of the bytes) in `compute_dtype`,
+  vectors (biases, norm scales) as they are. The forward pass casts every matrix to the compute dtype before using
+  it, so the copy gives bit-identical outputs to `params` under that compute dtype (LayerNorm keeps float32 scales
+  in its arithmetic: vectors stay) with half the bytes when params are float32 and compute bfloat16."""
+
+  def one(x):  # jnp.copy: jit would hand back an unchanged input itself, not a new buffer
+    return jnp.copy(x.astype(compute_dtype) if x.ndim >= 2 else x)
+
+  shardings = jax.tree.map(lambda x: x.sharding, params)
+  return jax.jit(lambda p: jax.tree.map(one, p), out_shardings=shardings)(params)
+
+
 __all__ = [
+    "frozen_copy",
     "QwenVL",
     "QwenVLConfig",
     "init",

@@ -3,9 +3,10 @@
 The processor returns the images of a whole batch concatenated (pixel_values [N, F], image_grid_thw [I, 3]), and the
 vision metadata (window order, segments) is global over the batch. That layout cannot be split into micro-batches or
 sharded over rows. Here each row r gets its images' patches in a fixed budget Np (a bucket), with row-local metadata;
-inside jit the metadata is offset per row, the tower runs on all R * Np patches at once (attention never crosses a
-row's images: every image and every row's padding is its own segment), and row r's merged features are placed at
-row r's image pad tokens. Rows may have different image sizes and counts.
+inside jit the tower runs once per row (jax.vmap over R, the row axis sharded like the batch), so attention costs
+R * Np^2 (the sum of n_i^2 over images, as transformers' cu_seqlens, when a row holds one image) instead of (R * Np)^2,
+and never crosses a row's images (every image and every row's padding is its own segment); row r's merged features
+are placed at row r's image pad tokens. Rows may have different image sizes and counts.
 
 Legend: R rows, T tokens, Np patch budget per row, Mp = Np / merge_unit, F patch features, D width, C targets.
 """
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ekipl_jax.data import processor as processor_lib
+from ekipl_jax import sharding
 from ekipl_jax.models import logprobs as logprobs_lib
 from ekipl_jax.models import vision as vision_lib
 from ekipl_jax.models.model import vision_config
@@ -57,18 +59,24 @@ def pack_rows(
   return {k: np.stack(v) for k, v in rows.items()}
 
 
-def _global_metadata(packed: dict) -> vision_lib.VisionMetadata:
-  """Row-local metadata -> one metadata over R * Np patches: each row's indices and ids are offset by its row."""
-  R, Np = packed["patch_perm_RN"].shape
-  Mp = packed["unperm_RM"].shape[1]
-  off_R1 = jnp.arange(R, dtype=jnp.int32)[:, None]
+def row_metadata(packed: dict) -> vision_lib.VisionMetadata:
+  """The row-local metadata of a packed batch, each field with a leading R axis (what the per-row tower maps over)."""
   return vision_lib.VisionMetadata(
-      patch_perm_N=(packed["patch_perm_RN"] + off_R1 * Np).reshape(-1),
-      pos_hw_N2=packed["pos_hw_RN2"].reshape(R * Np, 2),
-      segment_ids_N=(packed["segment_ids_RN"] + off_R1 * Np).reshape(-1),  # ids < Np within a row
-      window_ids_N=(packed["window_ids_RN"] + off_R1 * Np).reshape(-1),
-      unperm_M=(packed["unperm_RM"] + off_R1 * Mp).reshape(-1),
+      packed["patch_perm_RN"],
+      packed["pos_hw_RN2"],
+      packed["segment_ids_RN"],
+      packed["window_ids_RN"],
+      packed["unperm_RM"],
   )
+
+
+def vision_rows(model, params, packed: dict):
+  """feats_RMD: the vision tower run on each row's own patches (vmap over rows; Mp = Np / merge_unit per row)."""
+  tower = lambda m, px_NF, meta: m.visual(px_NF, metadata=meta)
+  per_row = lambda px_NF, meta: model.apply(params, px_NF, meta, method=tower)
+  constrain = lambda x: sharding.constrain(x, ("batch",) + (None,) * (x.ndim - 1), model.mesh, model.rules)
+  feats_RMD = jax.vmap(per_row)(constrain(packed["pixels_RNF"]), row_metadata(packed))
+  return constrain(feats_RMD)
 
 
 def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_RT=None):
@@ -77,15 +85,7 @@ def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_
   x_RTD, _, _ = model.apply(params, input_ids_RT, None, None, None, None, positions_3RT, method="embed")
   if packed is None or "pixels_RNF" not in packed:
     return x_RTD
-  R, Np, F = packed["pixels_RNF"].shape
-  meta = _global_metadata(packed)
-  feats = model.apply(
-      params,
-      packed["pixels_RNF"].reshape(R * Np, F),
-      metadata=meta,
-      method=lambda m, px, metadata: m.visual(px, metadata=metadata),
-  )
-  feats_RMD = feats.reshape(R, -1, feats.shape[-1]).astype(x_RTD.dtype)
+  feats_RMD = vision_rows(model, params, packed).astype(x_RTD.dtype)
   if is_img_RT is None:
     is_img_RT = input_ids_RT == model.config.image_token_id
   is_img_RT = is_img_RT.astype(bool)

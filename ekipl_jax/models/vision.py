@@ -267,7 +267,8 @@ def segment_attention(
 
   chunk: queries in blocks of `chunk` (None: all at once, [H, N, N] logits). span: a static bound on the length of
   every real segment; then a query block only looks at the `chunk + 2 (span - 1)` keys around it (exact, since a
-  segment of length <= span cannot reach further), so the cost is O(N (chunk + span)) instead of O(N^2)."""
+  segment of length <= span cannot reach further), so the cost is O(N (chunk + span)) instead of O(N^2). Memory: one
+  block's logits at a time, in the backward pass too."""
   scale = q_NHDh.shape[-1] ** -0.5
 
   def attend(q_CHDh: Array, seg_C: Array, k_LHDh: Array, v_LHDh: Array, seg_L: Array) -> Array:
@@ -291,7 +292,9 @@ def segment_attention(
     k_LHDh, v_LHDh, seg_L = (jax.lax.dynamic_slice_in_dim(a, start, band) for a in (k_NHDh, v_NHDh, seg_N))
     return attend(q_CHDh, seg_C, k_LHDh, v_LHDh, seg_L)
 
-  out_BCHDh = jax.lax.map(one_block, jnp.arange(n_blocks))
+  # Checkpointed: the backward pass recomputes each block's [H, chunk, band] logits instead of keeping all blocks'
+  # (the whole [H, N, band] probabilities would otherwise be a residual of the map).
+  out_BCHDh = jax.lax.map(jax.checkpoint(one_block), jnp.arange(n_blocks))
   return out_BCHDh.reshape(n_blocks * chunk, *q_NHDh.shape[1:])[:n]
 
 
@@ -303,6 +306,20 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dtype: Any, bias: bool = True) -> nn.Dense:
+  """nn.Dense (its default lecun-normal / zero init) whose kernel and bias declare logical axes (sharding.RULES'
+  vision_* entries), so FSDP splits the tower's parameters like the decoder's."""
+  return nn.Dense(
+      features,
+      use_bias=bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), axes[1:]),
+  )
+
+
 class RMSNorm(nn.Module):
   eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -310,7 +327,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_ND: Array) -> Array:
-    scale_D = self.param("scale", nn.initializers.ones, (x_ND.shape[-1],), self.param_dtype)
+    init = nn.with_logical_partitioning(nn.initializers.ones, ("vision_embed",))
+    scale_D = self.param("scale", init, (x_ND.shape[-1],), self.param_dtype)
     x = x_ND.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
     return scale_D.astype(self.dtype)[None, :] * x.astype(self.dtype)
@@ -319,7 +337,14 @@ class RMSNorm(nn.Module):
 def make_norm(config: VisionConfig, dtype: Any, param_dtype: Any, name: str) -> nn.Module:
   if config.family == "qwen2_5_vl":
     return RMSNorm(config.norm_eps, dtype, param_dtype, name=name)
-  return nn.LayerNorm(epsilon=config.norm_eps, dtype=dtype, param_dtype=param_dtype, name=name)
+  return nn.LayerNorm(
+      epsilon=config.norm_eps,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("vision_embed",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vision_embed",)),
+  )
 
 
 class VisionAttention(nn.Module):
@@ -334,12 +359,12 @@ class VisionAttention(nn.Module):
   @nn.compact
   def __call__(self, x_ND: Array, cos_NDh: Array, sin_NDh: Array, seg_N: Array) -> Array:
     n, d, h = x_ND.shape[0], self.config.embed_dim, self.config.num_heads
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    qkv_N3HDh = nn.Dense(3 * d, name="qkv", **kw)(x_ND).reshape(n, 3, h, d // h)
+    dt, pdt = self.dtype, self.param_dtype
+    qkv_N3HDh = dense(3 * d, ("vision_embed", "vision_heads"), "qkv", dt, pdt)(x_ND).reshape(n, 3, h, d // h)
     q_NHDh = apply_rotary(qkv_N3HDh[:, 0], cos_NDh, sin_NDh)
     k_NHDh = apply_rotary(qkv_N3HDh[:, 1], cos_NDh, sin_NDh)
     o_NHDh = segment_attention(q_NHDh, k_NHDh, qkv_N3HDh[:, 2], seg_N, self.attn_chunk, self.span)
-    return nn.Dense(d, name="proj", **kw)(o_NHDh.reshape(n, d))
+    return dense(d, ("vision_heads", "vision_embed"), "proj", dt, pdt)(o_NHDh.reshape(n, d))
 
 
 class VisionMLP(nn.Module):
@@ -351,13 +376,13 @@ class VisionMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x_ND: Array) -> Array:
-    cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
     act = ACTIVATIONS[cfg.hidden_act]
+    up = lambda name: dense(cfg.intermediate_size, ("vision_embed", "vision_mlp"), name, dt, pdt)
+    down = lambda name: dense(cfg.embed_dim, ("vision_mlp", "vision_embed"), name, dt, pdt)
     if cfg.family == "qwen2_vl":
-      return nn.Dense(cfg.embed_dim, name="fc2", **kw)(act(nn.Dense(cfg.intermediate_size, name="fc1", **kw)(x_ND)))
-    gate_NF = act(nn.Dense(cfg.intermediate_size, name="gate_proj", **kw)(x_ND))
-    up_NF = nn.Dense(cfg.intermediate_size, name="up_proj", **kw)(x_ND)
-    return nn.Dense(cfg.embed_dim, name="down_proj", **kw)(gate_NF * up_NF)
+      return down("fc2")(act(up("fc1")(x_ND)))
+    return down("down_proj")(act(up("gate_proj")(x_ND)) * up("up_proj")(x_ND))
 
 
 class VisionBlock(nn.Module):
@@ -386,11 +411,11 @@ class PatchMerger(nn.Module):
 
   @nn.compact
   def __call__(self, x_ND: Array) -> Array:
-    cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    y_MUD = make_norm(cfg, self.dtype, self.param_dtype, "ln_q")(x_ND)
+    cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+    y_MUD = make_norm(cfg, dt, pdt, "ln_q")(x_ND)
     y_MK = y_MUD.reshape(-1, cfg.merge_unit * cfg.embed_dim)
-    y_MK = jax.nn.gelu(nn.Dense(y_MK.shape[-1], name="mlp_0", **kw)(y_MK), approximate=False)
-    return nn.Dense(cfg.out_hidden_size, name="mlp_2", **kw)(y_MK)
+    y_MK = jax.nn.gelu(dense(y_MK.shape[-1], ("vision_embed", "vision_mlp"), "mlp_0", dt, pdt)(y_MK), approximate=False)
+    return dense(cfg.out_hidden_size, ("vision_mlp", "embed"), "mlp_2", dt, pdt)(y_MK)
 
 
 class PatchEmbed(nn.Module):
@@ -402,8 +427,8 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, pixels_NK: Array) -> Array:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    return nn.Dense(self.config.embed_dim, use_bias=False, name="proj", **kw)(pixels_NK.astype(self.dtype))
+    proj = dense(self.config.embed_dim, ("vision_patch", "vision_embed"), "proj", self.dtype, self.param_dtype, False)
+    return proj(pixels_NK.astype(self.dtype))
 
 
 class VisionTower(nn.Module):

@@ -182,9 +182,10 @@ def run_rl(cfg, model, params, proc, builder, mesh):
       train_step=rl.build_step(model, cfg, optimizer, shardings),
       ref_params=params if cfg.rl.beta != 0 else None,
   )
-  # The reference keeps its own copy: the train state's params are donated to the update step.
+  # The reference keeps its own copy (the train state's params are donated to the update step), sharded like the
+  # policy and its matrices in the compute dtype: the same reference log-probs with half the bytes under bf16.
   if ctx.ref_params is not None:
-    ctx.ref_params = jax.tree.map(lambda x: x.copy(), params)
+    ctx.ref_params = models.frozen_copy(params, policy.DTYPES[cfg.model.compute_dtype])
   state = init_state(params, optimizer, shardings)
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
   last_group = {"group_of_first_prompt": ""}  # the latest step's first group, logged as text at evaluation steps
