@@ -42,10 +42,15 @@ def frozen_copy(params: dict, compute_dtype) -> dict:
   each placed like its source: matrices (kernels, embeddings; all but a sliver of the bytes) in `compute_dtype`,
   vectors (biases, norm scales) as they are. The forward pass casts every matrix to the compute dtype before using
   it, so the copy gives bit-identical outputs to `params` under that compute dtype (LayerNorm keeps float32 scales
-  in its arithmetic: vectors stay) with half the bytes when params are float32 and compute bfloat16."""
+  in its arithmetic: vectors stay) with half the bytes when params are float32 and compute bfloat16. Given
+  ShapeDtypeStructs (with shardings), returns the copy's as ShapeDtypeStructs."""
+
+  dtype = lambda x: compute_dtype if x.ndim >= 2 else x.dtype
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):  # abstract (experiments/aot.py)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype(x), sharding=x.sharding), params)
 
   def one(x):  # jnp.copy: jit would hand back an unchanged input itself, not a new buffer
-    return jnp.copy(x.astype(compute_dtype) if x.ndim >= 2 else x)
+    return jnp.copy(x.astype(dtype(x)))
 
   shardings = jax.tree.map(lambda x: x.sharding, params)
   return jax.jit(lambda p: jax.tree.map(one, p), out_shardings=shardings)(params)
