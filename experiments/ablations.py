@@ -102,10 +102,12 @@ def axes_for(base) -> dict[str, list[tuple[str, dict[str, Any]]]]:
   weak, strong = by_acc[0][0], by_acc[-1][0]
   names = _registered("SELECTIONS")
   order = [s for s in SELECTION_LABELS if s in names] + [s for s in names if s not in SELECTION_LABELS]
+  from ekipl_jax.rl import loss  # pylint: disable=g-import-not-at-top
+
   treat = []
   for t in _registered("TREATMENTS"):
     over = {**ekipl, "rl.external_treatment": t}
-    if t.startswith("importance"):  # needs the stored behaviour log-probs, matched by their tokenizer string
+    if loss.TREATMENTS.info[t].get("needs_behaviour"):  # the stored log-probs, matched by their tokenizer string
       over["aux.behaviour_tokenizer"] = BEHAVIOUR_TOKENIZER
     treat.append((TREATMENT_LABELS.get(t, t), over))
   return {
@@ -222,13 +224,13 @@ def run_one(base, run: Run, seed: int, sft_hf: str, out: str) -> tuple[str, floa
   if any("." in k for k in rl):
     raise ValueError(f"experiments/ablations.py: run_arm sets top-level rl fields only, got {sorted(rl)}")
   cfg = apply(base, {k: v for k, v in run.overrides.items() if not k.startswith("rl.")})
-  t0 = time.time()
+  t0, cpu0 = time.time(), time.process_time()
   lines = demo().run_arm(cfg, run.name, rl, seed, sft_hf, out)
-  wall = time.time() - t0
+  wall, cpu = time.time() - t0, time.process_time() - cpu0  # CPU: every thread of this process
   if not lines or lines[-1]["step"] != cfg.rl.steps:
     raise RuntimeError(f"{workdir}/metrics.jsonl does not end at step {cfg.rl.steps}")
   with open(done, "w") as f:
-    json.dump({"key": run.key, "seed": seed, "wall_s": wall, "overrides": _jsonable(run.overrides)}, f)
+    json.dump({"key": run.key, "seed": seed, "wall_s": wall, "cpu_s": cpu, "overrides": _jsonable(run.overrides)}, f)
   return workdir, wall
 
 
@@ -285,6 +287,9 @@ def summarize(base, workdirs: list[str], grpo_final: dict[str, float] | None, rn
   row["kept_reward_policy"] = _mean(lines, "kept/reward_mean/policy")
   row["kept_reward_external"] = _mean(lines, "kept/reward_mean/external")
   row["pool_reward_external"] = _mean(lines, "pool/reward_mean/external")
+  ext = sum(l.get("groups/external_rows", 0.0) for ls in lines for l in ls)
+  with_lp = sum(l.get("groups/external_with_behaviour", 0.0) for ls in lines for l in ls)
+  row["external_with_behaviour"] = with_lp / ext if ext else float("nan")  # rows the importance treatments weigh
   row["wall_s"] = [_wall(w) for w in workdirs]
   return row
 
@@ -338,24 +343,32 @@ def claims(base, labels: list[str], rows: list[dict], ref: int) -> list[str]:
 AXIS_NOTES = {
     "selection": (
         "Which pool rows enter the update. GRPO keeps the N policy samples; EKIPL the top G of the pool by reward "
-        "(so a correct external response displaces a wrong policy sample); 'all' keeps the whole pool (group "
-        "N + M*K); 'replace' keeps G - 1 policy rows and 1 external row whatever their rewards (LUFFY's mix)."
+        "(a correct external response displaces a wrong policy sample; ties go to policy rows); 'all' keeps the "
+        "whole pool (a group of N + M*K rows, so its advantages are normalised over more rows); 'replace' keeps "
+        "G - 1 policy rows and 1 external row whatever their rewards (LUFFY's mix). Not shown: which part of a "
+        "difference comes from the group size rather than from the rule."
     ),
     "models": (
-        "How many scripted external models feed the pool, and which: the weak solver is right with the demo's "
-        "lower accuracy, the strong one always. M=0 is GRPO."
+        "How many scripted external models feed the EKIPL pool, and which: the strong solver is always right, the "
+        "weak one with the demo's lower accuracy; M=0 is GRPO. Not shown: how a real model's errors (which are not "
+        "off-by-one miscounts) would act."
     ),
     "k": (
-        "Responses stored per external model per prompt (EKIPL top-G). The strong solver's K responses are the "
-        "same text (it is deterministic), so K mostly adds copies of it; the weak solver's differ."
+        "Responses stored per external model per prompt (EKIPL top-G). The strong solver is a deterministic "
+        "program, so its K responses are one text K times; K mostly adds copies of it (and K different weak "
+        "responses). Not shown: K with diverse strong responses."
     ),
     "treatment": (
-        "How external tokens enter the loss (ekipl_jax/rl/loss.py). The importance variants use the store's "
-        "behaviour log-probs: the scripted solvers are deterministic programs, so log pi_b = 0 on every token "
-        "and the importance ratio is pi_theta itself; this is the treatment as the code defines it, on a behaviour "
-        "policy unlike a sampled LLM's."
+        "How external tokens enter the loss (ekipl_jax/rl/loss.py). The importance variants read behaviour "
+        "log-probs from the store: the scripted solvers are deterministic programs of (example, seed), so the "
+        "store carries log pi_b = 0 on every token, and then 'importance' weighs external tokens by pi_theta "
+        "itself (the ratio never reaches its cap) and 'importance_tis' scales the clipped term by the detached "
+        "pi_old. Not shown: the treatments with a sampled external LLM's log-probs."
     ),
-    "kl": "The KL penalty to the frozen SFT policy (k3 estimator); beta > 0 adds a reference forward pass per step.",
+    "kl": (
+        "The KL penalty to the frozen SFT policy (k3 estimator); beta > 0 adds a reference forward pass per step. "
+        "Not shown: KL's role over long runs; over the demo's few steps the policy stays close to the reference."
+    ),
 }
 
 
@@ -405,11 +418,17 @@ def write_doc(doc: str, base, axes_rows, results, meta: dict) -> None:
     report.plot_curves(os.path.join(doc_dir, png), runs, keys)
     lines += [f"## {AXIS_TITLES.get(axis, axis)}", "", AXIS_NOTES.get(axis, ""), "", axis_table(base, labels, data), ""]
     lines += [f"Against {labels[ref]} (95% intervals):", ""] + claims(base, labels, data, ref) + [""]
+    if axis == "treatment":
+      share = ", ".join(f"{l} {_fmt(100 * d['external_with_behaviour'], 0)}" for l, d in zip(labels, data))
+      lines += [
+          f"External rows that carried the store's behaviour log-probs (`groups/external_with_behaviour`, %): {share}.",
+          "",
+      ]
     lines += [f"![{axis}]({png})", ""]
   lines += [
       "What these tables do not show: a tiny from-scratch policy on synthetic counting with scripted external "
-      "models, a few RL steps and three seeds; they check that each switch behaves as the method says at this "
-      "scale, not that the paper's numbers hold for Qwen-VL models on Reason-RFT.",
+      f"models, {r.steps} RL steps and {len(meta['seeds'])} seed(s); they check that each switch behaves as the "
+      "method says at this scale, not that the paper's numbers hold for Qwen-VL models on Reason-RFT.",
       "",
   ]
   with open(doc, "w") as f:

@@ -155,6 +155,7 @@ def assemble(
       "groups/missing_external": float(n_missing),
       "groups/external_rows": float(n_ext),
       "groups/external_truncated": float(n_trunc_ext),
+      "groups/external_with_behaviour": float((has_behaviour & (source > 0)).sum()),  # stored log-probs used
       "groups/rows": float(R),
   }
   return Groups(
