@@ -37,7 +37,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   # The kernel inherits this environment: one CPU device as on Colab (conftest forces 8 for the other tests),
-  # and the repository root on the path for `configs/` (not part of the installed package).
+  # and the repository root on the path (a checkout that is not installed still finds `configs/`).
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   t0 = time.time()
