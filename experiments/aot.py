@@ -24,7 +24,9 @@ packed as train/batching.py packs them; the sampler's patch bucket is generate.p
 
 Per chip, for each program: XLA's argument / output / temp bytes (compiled.memory_analysis()); what else is resident
 while it runs (train state, reference params: buffers that are not its arguments); their sum against the chip's HBM
-as XLA itself reports it (an oversized probe compile's "available HBM"). A program fits when the sum leaves at least
+as XLA itself reports it (an oversized probe compile's "available HBM"). The resident buffers are counted from their
+shapes and shardings, without the TPU's tile padding (XLA's argument bytes came out 3% above that on the tiny demo
+model, whose dims are not multiples of 128; the paper models' dims are). A program fits when the sum leaves at least
 --min_headroom of HBM free. When XLA refuses to compile for lack of HBM, the program does not fit, with XLA's number.
 Exit status: 0 when every program fits, 1 when one does not, 2 on any other error.
 
@@ -64,6 +66,7 @@ _DUMP = flags.DEFINE_string("xla_dump", "", "XLA dump folder (its *memory-usage-
 _PROGRAMS = flags.DEFINE_list(
     "programs", [], "compile only these (sft_step, prefill, decode, ref_logprobs, update_step)"
 )
+_PLAN_ONLY = flags.DEFINE_string("plan_only", "", "regex on MODEL,TASK,METHOD@TOPOLOGY: the plan compiles only these")
 _PLAN = flags.DEFINE_string("plan", "", "write the plan over every paper config x slice (PLAN) to this Markdown file")
 
 GiB = 1024**3
@@ -92,8 +95,8 @@ CHIPS = {
 # 16 data-parallel replicas of 16-way FSDP groups.
 PLAN_SLICES = {
     "qwen2_vl_2b": (("v5e:2x4", {}),),
-    "qwen2_5_vl_3b": (("v5e:2x4", {}),),
     "qwen2_vl_7b": (("v5e:4x4", {}), ("v5p:2x2x1", {}), ("v5e:16x16", {"mesh.shape": (16, -1, 1)})),
+    "qwen2_5_vl_3b": (("v5e:2x4", {}),),
     "qwen2_5_vl_7b": (("v5e:4x4", {}), ("v5p:2x2x1", {}), ("v5e:16x16", {"mesh.shape": (16, -1, 1)})),
 }
 
@@ -154,10 +157,12 @@ def sds(shape, dtype, sharding):
 
 
 def batch_sharding(shape, mesh, rules):
-  """update.shard_batch's placement: the leading axis on the logical "batch" axis."""
+  """update.shard_batch's placement: the leading axis on the logical "batch" axis. (shard_batch applies the default
+  sharding.RULES, not mesh.rules; `rules` is unused so that this stays what the trainer does.)"""
   from ekipl_jax import sharding
 
-  return sharding.logical_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, rules, shape=shape)
+  del rules
+  return sharding.logical_sharding(("batch",) + (None,) * (len(shape) - 1), mesh, sharding.RULES, shape=shape)
 
 
 @dataclasses.dataclass
@@ -226,18 +231,22 @@ def abstract_rows_batch(model, geo: Geometry, R: int, C: int, mesh, rules) -> di
   return out
 
 
-def rl_batch_extras(R: int, C: int, mesh, rules) -> dict:
-  """The keys train/rl.rl_step adds to the update batch (before ref_logp), with their dtypes."""
+def update_batch(rows: dict, R: int, C: int, with_sampler_logp: bool, mesh, rules):
+  """The rl/batch.UpdateBatch train/rl.rl_step builds from the kept rows (before ref_logp_RC), as ShapeDtypeStructs;
+  sampler_logp_RC only when the loss's log-prob temperature is the sampler's (as rl_step decides)."""
   import numpy as np
 
-  spec = dict(
-      advantages=((R,), np.float32),
-      is_external=((R,), np.bool_),
-      behaviour_logp=((R, C), np.float32),
-      has_behaviour=((R,), np.bool_),
-      sampler_logp=((R, C), np.float32),
+  from ekipl_jax.rl import batch as rl_batch
+
+  one = lambda shape, dtype: sds(shape, dtype, batch_sharding(shape, mesh, rules))
+  return rl_batch.from_rows(
+      rows,
+      A_R=one((R,), np.float32),
+      is_external_R=one((R,), np.bool_),
+      behaviour_logp_RC=one((R, C), np.float32),
+      has_behaviour_R=one((R,), np.bool_),
+      sampler_logp_RC=one((R, C), np.float32) if with_sampler_logp else None,
   )
-  return {k: sds(s, d, batch_sharding(s, mesh, rules)) for k, (s, d) in spec.items()}
 
 
 def with_shardings(shapes, shardings):
@@ -413,18 +422,19 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   import jax
   import numpy as np
 
-  from ekipl_jax import sharding
+  from ekipl_jax import models, sharding
   from ekipl_jax.models import vision as vision_lib
   from ekipl_jax.models.model import vision_config
   from ekipl_jax.rl import update
   from ekipl_jax.sampling.sample import SamplingParams
-  from ekipl_jax.train import rl, trainer
+  from ekipl_jax.train import policy, rl, trainer
 
   generate = importlib.import_module("ekipl_jax.sampling.generate")  # the package exports a function of that name
   rc = cfg.rl
   optimizer = update.make_optimizer(rc.optimizer)
   state, shardings = trainer.abstract_state(params, optimizer, mesh)
-  ref = params if rc.beta != 0 else None  # the trainer keeps a copy of the initial params, placed like them
+  # The trainer's reference: models.frozen_copy of the initial params (placed like them, matrices in compute dtype).
+  ref = models.frozen_copy(params, policy.DTYPES[cfg.model.compute_dtype]) if rc.beta != 0 else None
   B, n, C = rc.batch_prompts, rc.num_policy_samples, rc.sampling.max_new_tokens
   R = B * rc.group_size
   sizes = {"params": per_chip_bytes(params), "state": per_chip_bytes(state), "ref_params": per_chip_bytes(ref or {})}
@@ -468,20 +478,20 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   out.append(r)
 
   # Update batch (train/rl.rl_step): G kept rows per prompt, each with its own images.
-  batch = abstract_rows_batch(model, geo, R, C, mesh, rules)
-  batch.update(rl_batch_extras(R, C, mesh, rules))
-  temp = rl.logprob_temperature(rc) if hasattr(rl, "logprob_temperature") else rc.sampling.temperature
+  temp = rl.logprob_temperature(rc)
+  rows = abstract_rows_batch(model, geo, R, C, mesh, rules)
+  batch = update_batch(rows, R, C, temp == rc.sampling.temperature, mesh, rules)
+  sizes["batch_inputs"] = per_chip_bytes(batch.inputs)
   if ref is not None:
     static = [geo.P, cfg.model.logprob_chunk, temp]
-    r = compile_program(
-        "ref_logprobs", rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp), (ref, batch), static=static
-    )
+    ref_fn = rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp)
+    r = compile_program("ref_logprobs", ref_fn, (ref, batch.inputs), static=static)
     r.update(rows=R, tokens=R * (geo.P + C), resident={"state": sizes["state"]})
     out.append(r)
     if "out_shapes" in r:
-      batch["ref_logp"] = r["out_shapes"]
+      batch = batch.replace(ref_logp_RC=r["out_shapes"])
     elif r.get("unselected"):  # placed like the rest of the batch (what XLA picks for the ref program's output)
-      batch["ref_logp"] = sds((R, C), np.float32, batch_sharding((R, C), mesh, rules))
+      batch = batch.replace(ref_logp_RC=sds((R, C), np.float32, batch_sharding((R, C), mesh, rules)))
     else:
       return out, sizes
   sizes["batch"] = per_chip_bytes(batch)
@@ -647,6 +657,9 @@ def write_plan(path: str, text_tokens: int, min_headroom: float) -> bool:
         for method in paper.METHODS:
           spec = f"configs/paper.py:{model_name},{task},{method}"
           cfg = load_config(spec, overrides)
+          if _PLAN_ONLY.value and not re.search(_PLAN_ONLY.value, f"{model_name},{task},{method}@{topology}"):
+            reports.append(dict(config=cfg.name, topology=topology, not_run=True, fits=True))
+            continue
           try:
             rep = run_one(cfg, topology, text_tokens, -1, min_headroom)
           except Exception as e:  # pylint: disable=broad-except
@@ -661,11 +674,22 @@ def write_plan(path: str, text_tokens: int, min_headroom: float) -> bool:
   return all(r["fits"] for r in reports)
 
 
+def git_revision() -> str:
+  import subprocess
+
+  run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=False).stdout.strip()
+  dirty = run("status", "--porcelain", "--untracked-files=no")
+  return run("rev-parse", "--short", "HEAD") + (" with uncommitted changes in the tree" if dirty else "")
+
+
 def summary_rows(reports: list[dict]) -> list[str]:
   rows = []
   for rep in reports:
     if "error" in rep:
       rows.append(f"| {rep['config']} | {rep['topology']} | | no: {rep['error'][:120]} | | | |")
+      continue
+    if rep.get("not_run"):
+      rows.append(f"| {rep['config']} | {rep['topology']} | | not compiled in this run (--plan_only) | | | |")
       continue
     worst, worst_room, worst_txt = "", 2.0, ""
     for r in rep["programs"]:
@@ -692,7 +716,9 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
       "# TPU plan: does each paper config fit its slice?",
       "",
       f"Written by `make tpu-plan` (experiments/aot.py, jax {jax.__version__}, libtpu from `jax[tpu]`) in "
-      f"{seconds / 60:.1f} min on a CPU machine: every program of every paper config compiled by XLA for the TPU "
+      f"{seconds / 60:.1f} min on a CPU machine, code at {git_revision()}, command "
+      f"`{' '.join(['experiments/aot.py'] + sys.argv[1:])}`; "
+      f"{sum(not r.get('not_run') for r in reports)} of {len(reports)} config x slice pairs compiled in this run: every program of every paper config compiled by XLA for the TPU "
       "topology, without a TPU. Per chip, in GiB: XLA's argument / output / temporary bytes of the program, what "
       "else is resident while it runs (train state, reference params), their total against the HBM XLA reports for "
       f"the chip, and the headroom left; a program fits when the headroom is at least {min_headroom:.0%}. A program "
@@ -722,6 +748,8 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for rep in reports:
+    if rep.get("not_run"):
+      continue
     if "error" in rep:
       lines.append(f"| {rep['config']} | {rep['topology']} | | error: {rep['error']} | | | | | | | | | | no |")
       continue
@@ -807,7 +835,7 @@ def main(argv):
 def print_memory_reports(folder: str, top: int = 12) -> None:
   """The head of each *memory-usage-report.txt XLA wrote (written even when the compile ran out of HBM)."""
   for name in sorted(os.listdir(folder)):
-    if name.endswith("memory-usage-report.txt"):
+    if name.endswith("memory-usage-report.txt") and "cpu_after" not in name:  # TPU programs only
       with open(os.path.join(folder, name)) as f:
         head = f.read().splitlines()[: top * 3]
       print(f"\n--- {name}\n" + "\n".join(head))
