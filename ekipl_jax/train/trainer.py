@@ -13,7 +13,6 @@ import os
 from typing import Callable, TypeVar
 
 import jax
-import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -240,24 +239,7 @@ def _run_stage(cfg) -> dict:
     params, lines = run_rl(cfg, model, params, proc, builder, mesh)
   out_dir = os.path.join(cfg.workdir, "hf")
   params = jax.tree.map(sharding.to_host, params)  # an all-gather every process joins, when fsdp spans processes
-  check_finite(params, out_dir)  # on every process (each holds the gathered weights): all refuse alike
   if jax.process_index() == 0:
     models.save_pretrained(model, params, out_dir, processor_dir=init_from)
   loop.barrier("hf_export")  # the folder is complete on every process's return
   return {"hf": out_dir, "metrics": lines}
-
-
-def check_finite(params, out_dir: str) -> None:
-  """Refuses to export weights with NaN or inf entries (ValueError naming the tensors)."""
-  bad, total = [], 0
-  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-    total += 1
-    n = int(np.size(x) - np.count_nonzero(np.isfinite(np.asarray(x, np.float32))))
-    if n:
-      bad.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} ({n} of {np.size(x)} entries)")
-  if bad:
-    raise ValueError(
-        f"refusing to export {out_dir}: {len(bad)} of {total} tensors hold NaN or inf values: "
-        + ", ".join(bad[:5])
-        + (" ..." if len(bad) > 5 else "")
-    )
