@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -98,6 +99,42 @@ def test_killed_writer_leaves_no_stale_lock(tmp_path):
     assert not w.append(_resp(0, "gpt-4o"))  # what it wrote is kept and resumed
     assert w.append(_resp(1, "gpt-4o"))
   assert AuxStore(root).num_records() == 2
+
+
+def _hold_and_fork(root: str, ready, flag: str) -> None:
+  AuxStoreWriter(root, sources=["gpt-4o"])  # kept open: the lock fd is inherited by the fork below
+  if os.fork() == 0:  # a child of the writer (e.g. a data worker) that outlives it, until `flag` exists
+    for _ in range(600):
+      if os.path.exists(flag):
+        break
+      time.sleep(0.1)
+    os._exit(0)
+  ready.set()
+  time.sleep(60)
+
+
+def test_lock_kept_by_a_child_of_a_killed_writer_is_explained(tmp_path):
+  root = str(tmp_path / "aux")
+  ready, flag = FORK.Event(), str(tmp_path / "child_may_end")
+  writer = FORK.Process(target=_hold_and_fork, args=(root, ready, flag))
+  writer.start()
+  assert ready.wait(60)
+  os.kill(writer.pid, signal.SIGKILL)
+  writer.join(60)
+  with pytest.raises(aux_store.AuxStoreLockedError) as e:
+    AuxStoreWriter(root, sources=["gpt-4o"])
+  assert f"pid {writer.pid}" in str(e.value) and "no longer running" in str(e.value) and "fuser" in str(e.value), str(
+      e.value
+  )
+  open(flag, "w").close()  # the child ends: the lock is free
+  for _ in range(100):
+    try:
+      AuxStoreWriter(root, sources=["gpt-4o"]).close()
+      break
+    except aux_store.AuxStoreLockedError:
+      time.sleep(0.1)
+  else:
+    pytest.fail("the lock was not released after the child ended")
 
 
 def test_version_1_store_is_read_and_resumed(tmp_path):

@@ -369,12 +369,31 @@ def check_coverage(
 
 # ---------------------------------------------------------------------------------------------- write side
 def _holder(path: str) -> str:
+  """Who holds a lock, from what it wrote into the file."""
   try:
     with open(path) as f:
       h = json.load(f)
-    return f"pid {h['pid']} on host {h['host']} (source {h['source']!r}, since {h['since']})"
+    who = f"pid {h['pid']} on host {h['host']} (source {h['source']!r}, since {h['since']})"
   except (OSError, ValueError, KeyError, TypeError):
     return "a process that has just started (no holder written yet)"
+  if h["host"] == socket.gethostname() and not _running(h["pid"]):  # a process the writer forked keeps the lock
+    who += f" -- that pid is no longer running; a process it started still holds the lock (`fuser -v {path}`)"
+  return who
+
+
+def _running(pid: Any) -> bool:
+  """Whether a process of this host runs (a zombie, dead but not yet reaped, does not)."""
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return False
+  except (PermissionError, ValueError, TypeError):
+    return True
+  try:
+    with open(f"/proc/{int(pid)}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return True
 
 
 def lock_source(root: str, source: str) -> int:
