@@ -22,13 +22,13 @@ Only the named knobs change (a one-factor ablation); a knob's side settings are 
     --config.rl.aggregation=seq_mean_token_sum_norm --config.rl.beta=0 --config.rl.entropy_coef=0.001`
     and `selection=replace`.
   - treatment=importance (and importance_tis) needs the behaviour model's per-token log-probs in the store: API
-    models (GPT-4o, Gemini) return none for our tokenizer, so their rows fall back to 'paper'. It sets the sources to one local external
-    checkpoint (EXTERNAL_CHECKPOINT, written with `precompute_aux.py --source=checkpoint --dtype=bfloat16`, which
-    samples on one device, so the model must fit one accelerator) and aux.behaviour_tokenizer to the string
-    precompute_aux records (the absolute --checkpoint path). The log-probs are used for a row only when that string
-    matches and the policy's tokenization of the text has the same length (sampling/groups.py), i.e. when the
-    external model's tokenizer is the policy's (Qwen2-VL and Qwen2.5-VL Instruct ship the same Qwen2 tokenizer
-    vocabulary; check yours).
+    models (GPT-4o, Gemini) return none for our tokenizer, so their rows fall back to 'paper'. It sets the sources
+    to one local external checkpoint (EXTERNAL_CHECKPOINT, written with `precompute_aux.py --source=checkpoint
+    --dtype=bfloat16`, which samples on one device, so the model must fit one accelerator) and
+    aux.behaviour_tokenizer to the string precompute_aux records (the absolute --checkpoint path). The log-probs
+    are used for a row only when that string matches and the policy's tokenization of the text has the same length
+    (sampling/groups.py), i.e. when the external model's tokenizer is the policy's (Qwen2-VL and Qwen2.5-VL
+    Instruct ship the same Qwen2 tokenizer vocabulary; check yours).
 """
 
 import ml_collections

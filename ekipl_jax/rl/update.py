@@ -3,9 +3,10 @@
   train_step = make_train_step(logprob_fn, optimizer, cfg)      # jax.jit(..., donate_argnames=("state",))
   state, metrics = train_step(state, batch)
 
-logprob_fn(params, inputs) -> (logp_BC, entropy_BC or None): teacher-forced log-probs of the completion tokens, from
-the policy's row inputs (batch.inputs, sliced per micro-batch). batch: an UpdateBatch (rl/batch.py), whose fields say
-what the step reads and when each optional one is needed.
+state: a TrainState (ekipl_jax/train_state.py, shared with SFT). batch: an UpdateBatch (rl/batch.py), whose fields
+say what the step reads and when each optional one is needed. logprob_fn(params, inputs) -> (logp_BC, entropy_BC
+or None): teacher-forced log-probs of the completion tokens from the policy's row inputs (batch.inputs, sliced per
+micro-batch).
 
 Exactness: each micro-batch contributes grad(loss_sum_k); the step divides the sum by sum(denom_k), the big-batch
 denominator (loss.py), so k micro-batches give the big-batch loss and gradient up to float summation order.
