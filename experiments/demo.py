@@ -56,8 +56,7 @@ def sft_stage(base, out: str) -> str:
 
   cfg = copy.deepcopy(base)
   cfg.stage, cfg.workdir = "sft", os.path.join(out, "sft")
-  cfg.eval.every = 0  # the RL runs evaluate the SFT checkpoint at their step 0
-  cfg.data.eval_splits = ()
+  cfg.eval.every = 0  # no evaluation here: the RL runs evaluate the SFT checkpoint at their step 0
   return trainer.run(cfg)["hf"]
 
 
@@ -218,10 +217,13 @@ def summarize(res: dict, workdirs: Mapping[str, Sequence[str]]) -> list[str]:
       lines.append(f"| {split} | {arm} | " + " | ".join(f"{v:.1f}" for v in m) + " |")
     hit = np.nonzero(means["EKIPL"] >= means["GRPO"][-1] - 1e-9)[0]
     first = steps[int(hit[0])] if hit.size else None
-    reach.append(
-        f"- {split}: EKIPL reaches GRPO's final {means['GRPO'][-1]:.1f} at step {first} of {last}"
-        + (f" ({100 * first / last:.0f}% of the RL steps)" if first is not None else " (never)")
-    )
+    if first is None:
+      reach.append(f"- {split}: EKIPL never reaches GRPO's final {means['GRPO'][-1]:.1f} within the {last} steps")
+    else:
+      reach.append(
+          f"- {split}: EKIPL reaches GRPO's final {means['GRPO'][-1]:.1f} at step {first} of {last} "
+          f"({100 * first / last:.0f}% of the RL steps)"
+      )
   return lines + [""] + reach
 
 
@@ -251,7 +253,8 @@ def write_results(out: str, base, res: dict, workdirs, runs, elapsed: float) -> 
       f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores, load average at the end "
       f"{' / '.join(f'{v:.1f}' for v in load)}; jax {jax.__version__} ({jax.default_backend()})",
       f"- synthetic counting (train {base.data.num_train}; the SFT teacher misses a {base.data.teacher_blind} with "
-      f"probability {base.data.teacher_miss_rate}); {res['n_eval']} evaluated per split; a tiny Qwen2.5-VL from "
+      f"probability {base.data.teacher_miss_rate}); {', '.join(f'{k} {v}' for k, v in res['n_eval'].items())} "
+      "evaluated; a tiny Qwen2.5-VL from "
       f"scratch, SFT {base.sft.steps} steps x {base.sft.batch_size}, then RL {base.rl.steps} steps x "
       f"{base.rl.batch_prompts} prompts (G = {base.rl.group_size}, N = {base.rl.num_policy_samples}, K = "
       f"{base.rl.num_external_per_model} per external solver, lr {base.rl.optimizer.lr}, beta {base.rl.beta})",
