@@ -648,29 +648,40 @@ def load_config(spec: str, overrides: dict | None = None):
 
 
 def write_plan(path: str, text_tokens: int, min_headroom: float) -> bool:
+  """Every paper config x its slices (PLAN_SLICES; --plan_only selects) -> path (Markdown) and path's .json. Both are
+  rewritten before and after every config, so an interrupted plan says what it compiled and what it did not."""
   from configs import paper  # pylint: disable=g-import-not-at-top
 
-  reports, t0 = [], time.time()
+  entries = []
   for model_name, slices in PLAN_SLICES.items():
     for topology, overrides in slices:
       for task in paper.TASKS:
         for method in paper.METHODS:
           spec = f"configs/paper.py:{model_name},{task},{method}"
           cfg = load_config(spec, overrides)
-          if _PLAN_ONLY.value and not re.search(_PLAN_ONLY.value, f"{model_name},{task},{method}@{topology}"):
-            reports.append(dict(config=cfg.name, topology=topology, not_run=True, fits=True))
-            continue
-          try:
-            rep = run_one(cfg, topology, text_tokens, -1, min_headroom)
-          except Exception as e:  # pylint: disable=broad-except
-            rep = dict(config=cfg.name, topology=topology, error=f"{type(e).__name__}: {e}"[:500], fits=False)
-            print(rep)
-          rep["spec"] = " ".join([spec] + [f"--config.{k}={v}" for k, v in overrides.items()])
-          reports.append(rep)
-          with open(path, "w") as f:  # rewritten after every config: an interrupted plan keeps what it has
-            f.write(plan_markdown(reports, time.time() - t0, text_tokens, min_headroom))
-          with open(os.path.splitext(path)[0] + ".json", "w") as f:
-            json.dump(reports, f, indent=1, default=str)
+          run = not _PLAN_ONLY.value or re.search(_PLAN_ONLY.value, f"{model_name},{task},{method}@{topology}")
+          spec = " ".join([spec] + [f"--config.{k}={v}" for k, v in overrides.items()])
+          entries.append((cfg, topology, spec, bool(run)))
+  reports = [dict(config=c.name, topology=t, spec=s, not_run=True, pending=r, fits=True) for c, t, s, r in entries]
+  t0 = time.time()
+
+  def write():
+    with open(path, "w") as f:
+      f.write(plan_markdown(reports, time.time() - t0, text_tokens, min_headroom))
+    with open(os.path.splitext(path)[0] + ".json", "w") as f:
+      json.dump(reports, f, indent=1, default=str)
+
+  for i, (cfg, topology, spec, run) in enumerate(entries):
+    if not run:
+      continue
+    write()
+    try:
+      rep = run_one(cfg, topology, text_tokens, -1, min_headroom)
+    except Exception as e:  # pylint: disable=broad-except
+      rep = dict(config=cfg.name, topology=topology, error=f"{type(e).__name__}: {e}"[:500], fits=False)
+      print(rep)
+    reports[i] = dict(rep, spec=spec)
+  write()
   return all(r["fits"] for r in reports)
 
 
@@ -689,10 +700,13 @@ def summary_rows(reports: list[dict]) -> list[str]:
       rows.append(f"| {rep['config']} | {rep['topology']} | | no: {rep['error'][:120]} | | | |")
       continue
     if rep.get("not_run"):
-      rows.append(f"| {rep['config']} | {rep['topology']} | | not compiled in this run (--plan_only) | | | |")
+      why = "selected, not compiled yet (the run was stopped before it)" if rep["pending"] else "--plan_only"
+      rows.append(f"| {rep['config']} | {rep['topology']} | | not compiled in this run ({why}) | | | |")
       continue
     worst, worst_room, worst_txt = "", 2.0, ""
     for r in rep["programs"]:
+      if r.get("unselected"):
+        continue
       if "oom" in r:
         room, txt = -1.0, f"XLA: {_g(r['oom']['required'])} needed for {r['oom']['what']} / {_g(r['oom']['available'])}"
       elif "mem" in r:
@@ -718,7 +732,8 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
       f"Written by `make tpu-plan` (experiments/aot.py, jax {jax.__version__}, libtpu from `jax[tpu]`) in "
       f"{seconds / 60:.1f} min on a CPU machine, code at {git_revision()}, command "
       f"`{' '.join(['experiments/aot.py'] + sys.argv[1:])}`; "
-      f"{sum(not r.get('not_run') for r in reports)} of {len(reports)} config x slice pairs compiled in this run: every program of every paper config compiled by XLA for the TPU "
+      f"{sum(not r.get('not_run') for r in reports)} of {len(reports)} config x slice pairs compiled in this run "
+      f"({sum(bool(r.get('pending')) for r in reports)} more selected and not reached): every program of every paper config compiled by XLA for the TPU "
       "topology, without a TPU. Per chip, in GiB: XLA's argument / output / temporary bytes of the program, what "
       "else is resident while it runs (train state, reference params), their total against the HBM XLA reports for "
       f"the chip, and the headroom left; a program fits when the headroom is at least {min_headroom:.0%}. A program "
@@ -757,7 +772,8 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
     for r in rep["programs"]:
       head = f"| {rep['config']} | {rep['topology']} | {mesh} | {r['name']} |"
       if "skipped" in r:
-        lines.append(f"{head} not compiled: {r['skipped']} | | | | | | | | | no |")
+        verdict = "not compiled" if r.get("unselected") else "no"
+        lines.append(f"{head} not compiled: {r['skipped']} | | | | | | | | | {verdict} |")
         continue
       comp = f"{r['compile_s']:.0f}" + (" (cached)" if r["cached"] else "")
       if "oom" in r:
