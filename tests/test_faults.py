@@ -492,6 +492,38 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(ref, capsys):
   changed.sft.lr = 0.1
   with pytest.raises(workdir_lib.ConfigChanged, match=re.escape(f"1 keys differ:\n  sft.lr: {cfg.sft.lr!r} -> 0.1")):
     trainer.run(changed)
+  # Every checkpoint unreadable: experiments/train.py stops with one clear error, not pages of orbax's shutdown
+  # tracebacks (about 900 lines before).
+  for step in os.listdir(os.path.join(cfg.workdir, "checkpoints")):
+    shutil.rmtree(os.path.join(cfg.workdir, "checkpoints", step, "meta"))
+  config_py = os.path.join(ref["root"], "tiny_sft_config.py")
+  with open(config_py, "w") as f:
+    f.write(_TINY_SFT_CONFIG)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, HERE, env.get("PYTHONPATH", "")])
+  p = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--config={config_py}:{ref['root']},corrupt"],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert p.returncode != 0
+  assert f"NoReadableCheckpoint: no checkpoint in {cfg.workdir}/checkpoints could be restored (steps [4, 2]" in p.stderr
+  assert len(p.stderr.splitlines()) < 100, p.stderr[-5000:]
+
+
+_TINY_SFT_CONFIG = """
+import os
+from test_trainer import tiny_config
+
+
+def get_config(arg):  # "ROOT,NAME": the config of test_faults.ref with workdir ROOT/NAME
+  root, name = arg.split(",")
+  c = tiny_config(root)
+  c.stage, c.data.eval_splits, c.workdir = "sft", (), os.path.join(root, name)
+  return c
+"""
 
 
 @pytest.mark.slow
