@@ -10,6 +10,9 @@ import sys
 import numpy as np
 import pytest
 
+from ekipl_jax.data import aux_store
+from ekipl_jax.data import processor as processor_lib
+from ekipl_jax.sampling import groups as groups_lib
 from ekipl_jax.train import metrics as metrics_lib
 from test_trainer import tiny_config
 
@@ -89,9 +92,20 @@ def test_two_runs_two_steps_end_to_end(tmp_path):
     )
     if entry["label"] == labels[0]:
       assert ratio == 0 and cells[-1] == "n/a"
-    else:  # the store's perfect solver wins a kept row in some group
+    else:  # the store's perfect solver wins a kept row in some group; 'paper' uses no behaviour log-probs
+      assert all(l["groups/external_with_behaviour"] == 0 for l in lines if "loss" in l)
       ext = np.nanmean([l.get("kept/reward_mean/external", np.nan) for l in lines if "loss" in l])
       assert float(cells[-1]) == pytest.approx(ext, abs=5e-4)
+
+  # Every stored response carries log-probs the trainer accepts for an importance run (same rule as groups.py).
+  proc = processor_lib.load(os.path.join(out, "sft", "hf"))
+  codec = lambda t: processor_lib.encode_completion(proc, t)
+  with aux_store.open_store(os.path.join(out, "ablations", "aux")) as store:
+    stored = [r for i in store.ids() for r in store.get(i)]
+  assert len(stored) == 2 * base.data.num_train  # both solvers, K = 1 (the selection axis needs no more)
+  for r in stored:
+    ids, lp, _ = groups_lib._external_row(r, codec, [proc.eos_token_id], 10_000, abl.BEHAVIOUR_TOKENIZER)
+    assert lp is not None and len(lp) == len(ids) and not np.any(lp)
 
   # A rerun trains nothing: both runs are found finished.
   metrics = {e["run"]: os.path.join(_workdir(out, e["run"]), "metrics.jsonl") for e in summary["axes"]["selection"]}
