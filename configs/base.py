@@ -43,6 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_train = 0  # synthetic only: examples in train
   c.data.num_test = 0  # synthetic only: examples per test split
   c.data.image_size = 0  # synthetic only: image side in pixels
+  c.data.synthetic_seed = 0  # synthetic only: scene generator seed (another seed gives fresh scenes, e.g. for tuning)
+  c.data.teacher_blind = ""  # synthetic only: objects the SFT teacher misses, e.g. "small cylinder" ("" = none)
+  c.data.teacher_miss_rate = 0.0  # synthetic only: probability the teacher misses each such object (train split)
   c.data.min_pixels = 3136  # image processor lower bound (Qwen default 56*56)
   c.data.max_pixels = 480000  # image processor upper bound (Reason-RFT RL uses 480000)
   c.data.prompt_buckets = (256, 512, 1024, 2048, 4096)  # left-padded prompt lengths; prompt up to 4096 tokens
