@@ -7,7 +7,15 @@ in the transformers v5 layout (`model.language_model.*`, `model.visual.*`, `lm_h
 which is what transformers 5.24's own `save_pretrained` writes and reads back.
 
 Flax path <-> HF key (text): `layers_3/self_attn/q_proj/kernel` <-> `layers.3.self_attn.q_proj.weight` (transposed);
-`scale` and `embedding` <-> `weight`. Vision names come from `vision.hf_to_flax_name` / `vision.flax_to_hf_name`.
+`scale` and `embedding` <-> `weight`. Vision (`vision_hf_to_flax_name`, keys relative to `visual.`):
+    a numeric path component joins its parent with "_":   blocks.{i} -> blocks_{i},  merger.mlp.{0,2} -> merger/mlp_{0,2}
+    nn.Linear weight [out, in]            -> kernel [in, out]            (transpose)
+    nn.Linear / LayerNorm bias            -> bias
+    norm1 / norm2 / ln_q weight           -> scale                       (LayerNorm for qwen2_vl, RMSNorm for 2.5)
+    patch_embed.proj.weight [D,C,Tp,P,P]  -> patch_embed/proj/kernel [K, D] = weight.reshape(D, K).T
+                                             (inverse: kernel.T.reshape(D, C, Tp, P, P); K is in the processor's
+                                             flatten order C, Tp, P, P, so the Conv3D is one matmul)
+e.g. visual.blocks.3.attn.qkv.weight -> ("blocks_3", "attn", "qkv", "kernel"), transposed.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import numpy as np
 
 from ekipl_jax import sharding
 from ekipl_jax.models import model as model_lib
-from ekipl_jax.models.config import QwenVLConfig
+from ekipl_jax.models.config import QwenVLConfig, VisionConfig
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -108,15 +116,91 @@ def _text_hf_key(path: tuple[str, ...]) -> tuple[str, bool]:
   return ".".join(parts + ["bias" if leaf == "bias" else "weight"]), leaf == "kernel"
 
 
+_VISION_NORMS = ("norm1", "norm2", "ln_q")
+_VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+def _conv_to_kernel(w: np.ndarray) -> np.ndarray:
+  w = np.asarray(w)
+  return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
+
+
+def _identity(a: np.ndarray) -> np.ndarray:
+  return np.asarray(a)
+
+
+def _transpose(a: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(a).T)
+
+
+def vision_hf_to_flax_name(hf_key: str) -> tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]:
+  """transformers vision key (with or without `model.visual.` / `visual.`) -> (path in the tower's own params,
+  torch->flax fn). The policy nests the tower under its `visual` submodule."""
+  for prefix in _VISION_PREFIXES:
+    if hf_key.startswith(prefix):
+      hf_key = hf_key[len(prefix) :]
+      break
+  *mods, leaf = hf_key.split(".")
+  path: list[str] = []
+  for part in mods:
+    if part.isdigit():
+      path[-1] = f"{path[-1]}_{part}"
+    else:
+      path.append(part)
+  if mods == ["patch_embed", "proj"] and leaf == "weight":
+    return (*path, "kernel"), _conv_to_kernel
+  if mods and mods[-1] in _VISION_NORMS:
+    return (*path, "scale" if leaf == "weight" else "bias"), _identity
+  if leaf == "weight":
+    return (*path, "kernel"), _transpose
+  if leaf == "bias":
+    return (*path, "bias"), _identity
+  raise KeyError(f"no flax name for vision key {hf_key!r}")
+
+
+def vision_flax_to_hf_name(
+    path: tuple[str, ...], config: VisionConfig, prefix: str = "model.visual."
+) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
+  """Inverse of vision_hf_to_flax_name: (path in the tower's params) -> (transformers key, flax->torch fn)."""
+  *mods, leaf = path
+  parts = []
+  for m in mods:
+    head, _, tail = m.rpartition("_")
+    parts.extend([head, tail] if tail.isdigit() and head in ("blocks", "mlp") else [m])
+  if list(mods) == ["patch_embed", "proj"]:
+    shape = (config.embed_dim, config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
+    return prefix + "patch_embed.proj.weight", lambda k: np.ascontiguousarray(np.asarray(k).T.reshape(shape))
+  name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+  return prefix + ".".join(parts + [name]), _transpose if leaf == "kernel" else _identity
+
+
+def vision_params_from_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
+  """{transformers visual key: numpy array} -> the tower's params tree (numpy leaves; wrap as {"params": ...})."""
+  items = []
+  for key, value in state_dict.items():
+    path, fn = vision_hf_to_flax_name(key)
+    items.append((path, fn(value)))
+  return _unflatten(items)
+
+
+def vision_state_dict_from_params(
+    params: dict, config: VisionConfig, prefix: str = "model.visual."
+) -> dict[str, np.ndarray]:
+  """The tower's params tree -> {transformers key: numpy array} (inverse of vision_params_from_state_dict)."""
+  out = {}
+  for path, value in _paths(params):
+    key, fn = vision_flax_to_hf_name(path, config, prefix)
+    out[key] = fn(np.asarray(value))
+  return out
+
+
 def hf_name(path: tuple[str, ...], config: QwenVLConfig, v5: bool) -> tuple[str, Callable, Callable]:
   """flax path (under params) -> (HF key, torch->flax fn, flax->torch fn)."""
   if path[0] == "visual":
-    from ekipl_jax.models import vision
-
-    key, to_torch = vision.flax_to_hf_name(
+    key, to_torch = vision_flax_to_hf_name(
         path[1:], model_lib.vision_config(config), "model.visual." if v5 else "visual."
     )
-    return key, vision.hf_to_flax_name(key)[1], to_torch
+    return key, vision_hf_to_flax_name(key)[1], to_torch
   if path[0] == "lm_head":
     key, tr = "lm_head.weight", True
   else:
@@ -185,7 +269,7 @@ def build(
     with_vision: bool | None = None,
 ) -> model_lib.QwenVL:
   if with_vision is None:
-    with_vision = model_lib._vision is not None and bool(config.vision_hf)
+    with_vision = bool(config.vision_hf)
   return model_lib.QwenVL(
       config,
       dtype=compute_dtype or dtype,

@@ -57,21 +57,25 @@ def dense(features: int, axes: tuple[str, str], bias: bool, dtype: Dtype, param_
 
 
 class RMSNorm(nn.Module):
+  """x / rms(x) (in float32) * scale, over the last axis (the decoder's norms and Qwen2.5-VL's vision norms)."""
+
   eps: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  axis: str = "embed"  # logical axis of the scale ("vision_embed" in the vision tower)
 
   @nn.compact
   def __call__(self, x_BTD):
     scale_D = self.param(
         "scale",
-        nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        nn.with_logical_partitioning(nn.initializers.ones_init(), (self.axis,)),
         (x_BTD.shape[-1],),
         self.param_dtype,
     )
     x32 = x_BTD.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale_D.astype(self.dtype) * x32.astype(self.dtype)
+    scale = scale_D.astype(self.dtype).reshape((1,) * (x_BTD.ndim - 1) + (-1,))  # explicit rank (strict promotion)
+    return scale * x32.astype(self.dtype)
 
 
 class Attention(nn.Module):

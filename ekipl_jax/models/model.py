@@ -21,14 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ekipl_jax import sharding
-from ekipl_jax.models import rope
+from ekipl_jax.models import rope, vision
 from ekipl_jax.models.config import QwenVLConfig, as_config
 from ekipl_jax.models.decoder import Dense, DecoderLayer, RMSNorm, attention_mask, dot_f32
-
-try:  # the vision tower is another module; text-only paths work without it
-  from ekipl_jax.models import vision as _vision
-except ImportError:  # pragma: no cover
-  _vision = None
 
 Array = Any
 
@@ -47,10 +42,15 @@ def rope_index(config: QwenVLConfig, input_ids, attention_mask=None, image_grid_
   return rope.mrope_positions(xp, is_img, mask, grid, config.spatial_merge_size)
 
 
-def vision_config(config: QwenVLConfig):
-  if _vision is None:
-    raise ImportError("ekipl_jax.models.vision is not available: image inputs cannot be used")
-  return _vision.VisionConfig.from_hf(config.vision_hf, config.model_type, out_hidden_size=config.hidden_size)
+def vision_config(config: QwenVLConfig) -> vision.VisionConfig:
+  return vision.VisionConfig.from_hf(config.vision_hf, config.model_type, out_hidden_size=config.hidden_size)
+
+
+def place_features(x_RTD, is_img_RT, feats_RMD):
+  """x_RTD with row r's image positions (is_img_RT, in order) holding feats_RMD[r, 0], feats_RMD[r, 1], ..."""
+  rank_RT = jnp.clip(jnp.cumsum(is_img_RT.astype(jnp.int32), axis=1) - 1, 0, feats_RMD.shape[1] - 1)
+  gathered_RTD = jnp.take_along_axis(feats_RMD, rank_RT[..., None], axis=1)
+  return jnp.where(is_img_RT[..., None], gathered_RTD, x_RTD)
 
 
 class QwenVL(nn.Module):
@@ -83,7 +83,7 @@ class QwenVL(nn.Module):
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
       )
     if self.with_vision:
-      self.visual = _vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
+      self.visual = vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
 
   def _constrain(self, x, axes):
     return sharding.constrain(x, axes, self.mesh, self.rules)
@@ -161,9 +161,8 @@ class QwenVL(nn.Module):
             f"image pad tokens ({n_tok}, token id {c.image_token_id}) != image features "
             f"({feats_MD.shape[0]} from image_grid_thw {np.asarray(image_grid_thw).tolist()})"
         )
-    flat = is_img_BT.reshape(-1).astype(jnp.int32)
-    rank = jnp.clip(jnp.cumsum(flat) - 1, 0, feats_MD.shape[0] - 1).reshape(is_img_BT.shape)
-    return jnp.where(is_img_BT[..., None], feats_MD[rank], x_BTD)
+    (B, T), D = is_img_BT.shape, x_BTD.shape[-1]  # the batch's images in row-major order: one row of B * T tokens
+    return place_features(x_BTD.reshape(1, B * T, D), is_img_BT.reshape(1, B * T), feats_MD[None]).reshape(B, T, D)
 
   def decode(self, x_BTD, positions_3BT, attention_mask_BS, cache=None, cache_index=None):
     """h_BTD, cache. Without a cache the mask is over the T tokens; with one the T new tokens are written at slots

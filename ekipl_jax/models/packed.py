@@ -23,7 +23,7 @@ from ekipl_jax.data import processor as processor_lib
 from ekipl_jax import sharding
 from ekipl_jax.models import logprobs as logprobs_lib
 from ekipl_jax.models import vision as vision_lib
-from ekipl_jax.models.model import vision_config
+from ekipl_jax.models.model import place_features, vision_config
 
 PACKED_KEYS = ("pixels_RNF", "patch_perm_RN", "pos_hw_RN2", "segment_ids_RN", "window_ids_RN", "unperm_RM")
 
@@ -88,10 +88,7 @@ def embed_rows(model, params, input_ids_RT, positions_3RT, packed: dict, is_img_
   feats_RMD = vision_rows(model, params, packed).astype(x_RTD.dtype)
   if is_img_RT is None:
     is_img_RT = input_ids_RT == model.config.image_token_id
-  is_img_RT = is_img_RT.astype(bool)
-  rank_RT = jnp.clip(jnp.cumsum(is_img_RT.astype(jnp.int32), axis=1) - 1, 0, feats_RMD.shape[1] - 1)
-  gathered_RTD = jnp.take_along_axis(feats_RMD, rank_RT[..., None], axis=1)
-  return jnp.where(is_img_RT[..., None], gathered_RTD, x_RTD)
+  return place_features(x_RTD, is_img_RT.astype(bool), feats_RMD)
 
 
 def row_logprobs(model, params, batch: dict, *, targets_from: int, temperature: float = 1.0, chunk_size: int = 128):

@@ -64,6 +64,8 @@ def mrope_cos_sin(positions_3BT, head_dim: int, theta: float, mrope_section: tup
 
 
 def apply_rotary(x_BTNDh, cos_BTDh, sin_BTDh):
+  """Rotate-half rotary on x [..., heads, Dh] with cos / sin [..., Dh] shared by the heads (decoder: [B, T, N, Dh];
+  vision tower: [N, H, Dh])."""
   half = x_BTNDh.shape[-1] // 2
   rot = jnp.concatenate([-x_BTNDh[..., half:], x_BTNDh[..., :half]], axis=-1)
-  return x_BTNDh * cos_BTDh[:, :, None, :] + rot * sin_BTDh[:, :, None, :]
+  return x_BTNDh * cos_BTDh[..., None, :] + rot * sin_BTDh[..., None, :]

@@ -16,20 +16,13 @@ pads with zeros) or already padded to `pad_to` (`pad_patches`). `pad_to` must be
 
 Everything data dependent (rotary positions, per-frame segment ids, the Qwen2.5-VL window order, window segment ids and
 the inverse order) is host numpy from `vision_metadata`; the jitted compute sees only those arrays (under jit pass
-`metadata=`, not a traced image_grid_thw). Attention is softmax under a `segment_q == segment_k` mask (transformers' cu_seqlens semantics: one segment per frame of
-each image, or per window in Qwen2.5-VL window blocks), in query blocks of `attn_chunk`. Window blocks look only at
-the keys within `config.max_window_patches` of each query block (exact: windows are contiguous in compute order);
-full blocks do the same with `max_frame_patches` when given (a static promise about the largest frame), else O(N^2).
+`metadata=`, not a traced image_grid_thw). Attention is softmax under a `segment_q == segment_k` mask (transformers'
+cu_seqlens semantics: one segment per frame of each image, or per window in Qwen2.5-VL window blocks), in query blocks
+of `attn_chunk`. Window blocks look only at the keys within `config.max_window_patches` of each query block (exact:
+windows are contiguous in compute order); full blocks do the same with `max_frame_patches` when given (a static
+promise about the largest frame), else O(N^2). A batch of rows runs the tower per row (models/packed.py).
 
-Parameter names (the checkpoint contract; `hf_to_flax_name` implements it, keys relative to `visual.`):
-    a numeric path component joins its parent with "_":   blocks.{i} -> blocks_{i},  merger.mlp.{0,2} -> merger/mlp_{0,2}
-    nn.Linear weight [out, in]            -> kernel [in, out]            (transpose)
-    nn.Linear / LayerNorm bias            -> bias
-    norm1 / norm2 / ln_q weight           -> scale                       (LayerNorm for qwen2_vl, RMSNorm for 2.5)
-    patch_embed.proj.weight [D,C,Tp,P,P]  -> patch_embed/proj/kernel [K, D] = weight.reshape(D, K).T
-                                             (inverse: kernel.T.reshape(D, C, Tp, P, P); K is in the processor's
-                                             flatten order C, Tp, P, P, so the Conv3D is one matmul)
-e.g. visual.blocks.3.attn.qkv.weight -> ("blocks_3", "attn", "qkv", "kernel"), transposed.
+Parameter names mirror transformers' `visual.*` keys; the mapping is models/checkpoint.py's (vision_hf_to_flax_name).
 """
 
 from __future__ import annotations
@@ -42,124 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ekipl_jax.models import rope
+from ekipl_jax.models.config import VisionConfig
+from ekipl_jax.models.decoder import RMSNorm
+
 Array = Any
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-
-
-# ----------------------------------------------------------------------------------------------------- config
-
-
-@dataclasses.dataclass(frozen=True)
-class VisionConfig:
-  model_type: str  # "qwen2_vl" (LayerNorm, fc1/fc2 MLP, full attention) | "qwen2_5_vl" (RMSNorm, SwiGLU, windows)
-  depth: int
-  embed_dim: int  # D: qwen2_vl `embed_dim`, qwen2_5_vl `hidden_size`
-  num_heads: int
-  intermediate_size: int  # F: qwen2_vl embed_dim * mlp_ratio, qwen2_5_vl `intermediate_size`
-  out_hidden_size: int  # O (LLM width): qwen2_vl vision `hidden_size`, qwen2_5_vl `out_hidden_size`
-  hidden_act: str = "quick_gelu"
-  patch_size: int = 14
-  temporal_patch_size: int = 2
-  in_channels: int = 3
-  spatial_merge_size: int = 2
-  window_size: int = 0  # pixels; 0 = full attention in every block (qwen2_vl)
-  fullatt_block_indexes: tuple[int, ...] = ()
-  rope_theta: float = 10000.0
-  norm_eps: float = 1e-6
-  mlp_ratio: float | None = None  # qwen2_vl only, kept for to_hf
-  tokens_per_second: int | None = None  # qwen2_5_vl only (used by the decoder's M-RoPE for video), kept for to_hf
-  initializer_range: float = 0.02
-
-  @property
-  def family(self) -> str:
-    return "qwen2_5_vl" if self.model_type.startswith("qwen2_5_vl") else "qwen2_vl"
-
-  @property
-  def head_dim(self) -> int:
-    return self.embed_dim // self.num_heads
-
-  @property
-  def merge_unit(self) -> int:
-    return self.spatial_merge_size**2
-
-  @property
-  def patch_dim(self) -> int:
-    return self.in_channels * self.temporal_patch_size * self.patch_size**2
-
-  @property
-  def max_window_patches(self) -> int:
-    """Patches in the largest attention window (window blocks attend within <= this many patches)."""
-    return max(self.window_size // self.spatial_merge_size // self.patch_size, 1) ** 2 * self.merge_unit
-
-  def is_window_block(self, i: int) -> bool:
-    return self.family == "qwen2_5_vl" and self.window_size > 0 and i not in self.fullatt_block_indexes
-
-  @classmethod
-  def from_hf(cls, vc: dict, model_type: str, out_hidden_size: int | None = None) -> "VisionConfig":
-    family = "qwen2_5_vl" if model_type.startswith("qwen2_5_vl") else "qwen2_vl"
-    if not model_type.startswith(FAMILIES):
-      raise ValueError(f"unknown model_type {model_type!r}")
-    rope = vc.get("rope_parameters") or {}
-    common = dict(
-        model_type=family,
-        depth=int(vc.get("depth", 32)),
-        num_heads=int(vc.get("num_heads", 16)),
-        patch_size=int(vc.get("patch_size", 14)),
-        temporal_patch_size=int(vc.get("temporal_patch_size", 2)),
-        in_channels=int(vc.get("in_channels", vc.get("in_chans", 3))),
-        spatial_merge_size=int(vc.get("spatial_merge_size", 2)),
-        rope_theta=float(rope.get("rope_theta", vc.get("rope_theta", 10000.0))),
-        initializer_range=float(vc.get("initializer_range", 0.02)),
-    )
-    if family == "qwen2_vl":
-      embed_dim, mlp_ratio = int(vc.get("embed_dim", 1280)), vc.get("mlp_ratio", 4)
-      return cls(
-          **common,
-          embed_dim=embed_dim,
-          intermediate_size=int(embed_dim * mlp_ratio),
-          out_hidden_size=int(out_hidden_size or vc.get("hidden_size", 3584)),
-          hidden_act=vc.get("hidden_act", "quick_gelu"),
-          mlp_ratio=mlp_ratio,
-      )
-    return cls(
-        **common,
-        embed_dim=int(vc.get("hidden_size", 3584)),
-        intermediate_size=int(vc.get("intermediate_size", 3420)),
-        out_hidden_size=int(out_hidden_size or vc.get("out_hidden_size", 3584)),
-        hidden_act=vc.get("hidden_act", "silu"),
-        window_size=int(vc.get("window_size", 112)),
-        fullatt_block_indexes=tuple(int(i) for i in vc.get("fullatt_block_indexes", (7, 15, 23, 31))),
-        tokens_per_second=vc.get("tokens_per_second", 4),
-    )
-
-  def to_hf(self) -> dict:
-    out = dict(
-        depth=self.depth,
-        num_heads=self.num_heads,
-        hidden_act=self.hidden_act,
-        patch_size=self.patch_size,
-        temporal_patch_size=self.temporal_patch_size,
-        in_channels=self.in_channels,
-        spatial_merge_size=self.spatial_merge_size,
-        initializer_range=self.initializer_range,
-    )
-    if self.rope_theta != 10000.0:
-      out["rope_parameters"] = {"rope_type": "axial", "rope_theta": self.rope_theta}
-    if self.family == "qwen2_vl":
-      ratio = self.mlp_ratio if self.mlp_ratio is not None else self.intermediate_size / self.embed_dim
-      return dict(
-          out, model_type="qwen2_vl", embed_dim=self.embed_dim, hidden_size=self.out_hidden_size, mlp_ratio=ratio
-      )
-    return dict(
-        out,
-        model_type="qwen2_5_vl",
-        hidden_size=self.embed_dim,
-        intermediate_size=self.intermediate_size,
-        out_hidden_size=self.out_hidden_size,
-        window_size=self.window_size,
-        fullatt_block_indexes=list(self.fullatt_block_indexes),
-        tokens_per_second=self.tokens_per_second if self.tokens_per_second is not None else 4,
-    )
 
 
 # ------------------------------------------------------------------------------------- host-side metadata (numpy)
@@ -253,13 +133,6 @@ def rotary_cos_sin(pos_hw_N2: Array, head_dim: int, theta: float) -> tuple[Array
   return jnp.cos(ang_NDh), jnp.sin(ang_NDh)
 
 
-def apply_rotary(x_NHDh: Array, cos_NDh: Array, sin_NDh: Array) -> Array:
-  x = x_NHDh.astype(jnp.float32)
-  x1, x2 = jnp.split(x, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x * cos_NDh[:, None, :] + rotated * sin_NDh[:, None, :]).astype(x_NHDh.dtype)
-
-
 def segment_attention(
     q_NHDh: Array, k_NHDh: Array, v_NHDh: Array, seg_N: Array, chunk: int | None = None, span: int | None = None
 ) -> Array:
@@ -320,23 +193,9 @@ def dense(features: int, axes: tuple[str, str], name: str, dtype: Any, param_dty
   )
 
 
-class RMSNorm(nn.Module):
-  eps: float = 1e-6
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x_ND: Array) -> Array:
-    init = nn.with_logical_partitioning(nn.initializers.ones, ("vision_embed",))
-    scale_D = self.param("scale", init, (x_ND.shape[-1],), self.param_dtype)
-    x = x_ND.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return scale_D.astype(self.dtype)[None, :] * x.astype(self.dtype)
-
-
 def make_norm(config: VisionConfig, dtype: Any, param_dtype: Any, name: str) -> nn.Module:
   if config.family == "qwen2_5_vl":
-    return RMSNorm(config.norm_eps, dtype, param_dtype, name=name)
+    return RMSNorm(config.norm_eps, dtype, param_dtype, axis="vision_embed", name=name)
   return nn.LayerNorm(
       epsilon=config.norm_eps,
       dtype=dtype,
@@ -361,8 +220,8 @@ class VisionAttention(nn.Module):
     n, d, h = x_ND.shape[0], self.config.embed_dim, self.config.num_heads
     dt, pdt = self.dtype, self.param_dtype
     qkv_N3HDh = dense(3 * d, ("vision_embed", "vision_heads"), "qkv", dt, pdt)(x_ND).reshape(n, 3, h, d // h)
-    q_NHDh = apply_rotary(qkv_N3HDh[:, 0], cos_NDh, sin_NDh)
-    k_NHDh = apply_rotary(qkv_N3HDh[:, 1], cos_NDh, sin_NDh)
+    rotate = lambda x: rope.apply_rotary(x.astype(jnp.float32), cos_NDh, sin_NDh).astype(x.dtype)  # in float32
+    q_NHDh, k_NHDh = rotate(qkv_N3HDh[:, 0]), rotate(qkv_N3HDh[:, 1])
     o_NHDh = segment_attention(q_NHDh, k_NHDh, qkv_N3HDh[:, 2], seg_N, self.attn_chunk, self.span)
     return dense(d, ("vision_heads", "vision_embed"), "proj", dt, pdt)(o_NHDh.reshape(n, d))
 
@@ -466,97 +325,3 @@ class VisionTower(nn.Module):
       x_ND = block(x_ND, cos_NDh, sin_NDh, win_N if window else seg_N)
     feats_MO = PatchMerger(cfg, self.dtype, self.param_dtype, name="merger")(x_ND)
     return jnp.take(feats_MO, jnp.asarray(metadata.unperm_M), axis=0)
-
-
-# ----------------------------------------------------------------------------------- checkpoint name mapping
-
-NORM_MODULES = ("norm1", "norm2", "ln_q")
-VISUAL_PREFIXES = ("model.visual.", "visual.")
-
-
-def _conv_to_kernel(w: np.ndarray) -> np.ndarray:
-  w = np.asarray(w)
-  return np.ascontiguousarray(w.reshape(w.shape[0], -1).T)
-
-
-def _identity(a: np.ndarray) -> np.ndarray:
-  return np.asarray(a)
-
-
-def _transpose(a: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(a).T)
-
-
-def hf_to_flax_name(hf_key: str) -> tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]]:
-  """transformers key (with or without `model.visual.` / `visual.`) -> (path in params["params"], torch->flax fn).
-
-  The path is relative to the tower's own params (the policy nests it under its `visual` submodule)."""
-  for prefix in VISUAL_PREFIXES:
-    if hf_key.startswith(prefix):
-      hf_key = hf_key[len(prefix) :]
-      break
-  *mods, leaf = hf_key.split(".")
-  path: list[str] = []
-  for part in mods:
-    if part.isdigit():
-      path[-1] = f"{path[-1]}_{part}"
-    else:
-      path.append(part)
-  if mods == ["patch_embed", "proj"] and leaf == "weight":
-    return (*path, "kernel"), _conv_to_kernel
-  if mods and mods[-1] in NORM_MODULES:
-    return (*path, "scale" if leaf == "weight" else "bias"), _identity
-  if leaf == "weight":
-    return (*path, "kernel"), _transpose
-  if leaf == "bias":
-    return (*path, "bias"), _identity
-  raise KeyError(f"no flax name for vision key {hf_key!r}")
-
-
-def flax_to_hf_name(
-    path: tuple[str, ...], config: VisionConfig, prefix: str = "model.visual."
-) -> tuple[str, Callable[[np.ndarray], np.ndarray]]:
-  """Inverse of hf_to_flax_name: (path in the tower's params) -> (transformers key, flax->torch fn)."""
-  *mods, leaf = path
-  parts = []
-  for m in mods:
-    head, _, tail = m.rpartition("_")
-    parts.extend([head, tail] if tail.isdigit() and head in ("blocks", "mlp") else [m])
-  if list(mods) == ["patch_embed", "proj"]:
-    shape = (config.embed_dim, config.in_channels, config.temporal_patch_size, config.patch_size, config.patch_size)
-    return prefix + "patch_embed.proj.weight", lambda k: np.ascontiguousarray(np.asarray(k).T.reshape(shape))
-  name = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-  return prefix + ".".join(parts + [name]), _transpose if leaf == "kernel" else _identity
-
-
-def torch_to_param(hf_key: str, array: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
-  path, fn = hf_to_flax_name(hf_key)
-  return path, fn(array)
-
-
-def param_to_torch(
-    path: tuple[str, ...], array: np.ndarray, config: VisionConfig, prefix: str = "model.visual."
-) -> tuple[str, np.ndarray]:
-  key, fn = flax_to_hf_name(path, config, prefix)
-  return key, fn(array)
-
-
-def params_from_state_dict(state_dict: dict[str, np.ndarray]) -> dict:
-  """{transformers visual key: numpy array} -> the tower's params tree (numpy leaves; wrap as {"params": ...})."""
-  tree: dict = {}
-  for key, value in state_dict.items():
-    path, value = torch_to_param(key, value)
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return tree
-
-
-def state_dict_from_params(params: dict, config: VisionConfig, prefix: str = "model.visual.") -> dict[str, np.ndarray]:
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  out = {}
-  for keypath, value in flat:
-    key, value = param_to_torch(tuple(k.key for k in keypath), np.asarray(value), config, prefix)
-    out[key] = value
-  return out
