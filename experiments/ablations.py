@@ -80,7 +80,11 @@ def demo():
     spec = importlib.util.spec_from_file_location("demo_driver", os.path.join(ROOT, "experiments", "demo.py"))
     mod = importlib.util.module_from_spec(spec)
     sys.modules["demo_driver"] = mod
-    spec.loader.exec_module(mod)
+    try:
+      spec.loader.exec_module(mod)
+    except BaseException:
+      del sys.modules["demo_driver"]  # no half-loaded module left behind
+      raise
   return sys.modules["demo_driver"]
 
 

@@ -3,15 +3,22 @@
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location(
-    "demo_driver", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "demo.py")
-)
-demo = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(demo)
+# experiments/demo.py defines absl flags, so it is loaded once per process under the name experiments/ablations.py
+# uses too (a worker that runs both test files would otherwise define its flags twice).
+if "demo_driver" in sys.modules:
+  demo = sys.modules["demo_driver"]
+else:
+  _SPEC = importlib.util.spec_from_file_location(
+      "demo_driver", os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "demo.py")
+  )
+  demo = importlib.util.module_from_spec(_SPEC)
+  sys.modules["demo_driver"] = demo
+  _SPEC.loader.exec_module(demo)
 
 
 def _lines(accs: dict[str, list[float]], steps: list[int]) -> list[dict]:
