@@ -192,7 +192,7 @@ def write_store(base, store: str, k: int, sft_hf: str) -> None:
   """The demo's solver responses (write_aux, K = k each) plus behaviour log-probs 0 on the policy's tokens."""
   from ekipl_jax.data import processor as processor_lib  # pylint: disable=g-import-not-at-top
   from ekipl_jax.data import aux_store  # pylint: disable=g-import-not-at-top
-  from ekipl_jax.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from ekipl_jax.train import input_pipeline as data_lib  # pylint: disable=g-import-not-at-top
 
   marker = os.path.join(store, "complete.json")
   want = {"solvers": [list(s) for s in demo().SOLVERS], "k": k, "sft_hf": os.path.abspath(sft_hf)}

@@ -12,15 +12,15 @@ or init_from; or the config's from-scratch model.arch), and every program is low
 and shardings, then compiled by XLA for the TPU:
 
   sft   the SFT step (train/sft.py make_sft_step) on sft.batch_size rows of prompt + sft.max_completion tokens
-  rl    sampler prefill and decode loop (sampling/generate.py), reference log-probs (train/rl.py, when rl.beta != 0)
-        and the update step (rl/update.py via train/rl.py build_step) on rl.batch_prompts x rl.group_size rows.
+  rl    sampler prefill and decode loop (sampling/sampler.py), reference log-probs (train/rl_stages.py, when rl.beta != 0)
+        and the update step (rl/update.py via train/rl_stages.py build_step) on rl.batch_prompts x rl.group_size rows.
         Old log-probs are no separate program: with rl.mu == 1 pi_old is pi_theta, with mu > 1 the update step
         computes them itself. The pool's external rows (M x K per prompt) live on the host; G per prompt are kept.
 
 Shapes: every prompt carries images_per_prompt images of the largest size the config's image processor makes
 (max over aspect ratios of transformers' smart_resize under data.max_pixels), plus prompt_text_tokens of text; the
 prompt bucket is the smallest of data.prompt_buckets that holds it (the processor's rule). Each row's patches are
-packed as train/batching.py packs them; the sampler's patch bucket is generate.py's.
+packed as train/batching.py packs them; the sampler's patch bucket is sampling/sampler.py's.
 
 Per chip, for each program: XLA's argument / output / temp bytes (compiled.memory_analysis()); what else is resident
 while it runs (train state, reference params: buffers that are not its arguments); their sum against the chip's HBM
@@ -232,7 +232,7 @@ def abstract_rows_batch(model, geo: Geometry, R: int, C: int, mesh, rules) -> di
 
 
 def update_batch(rows: dict, R: int, C: int, with_sampler_logp: bool, mesh, rules):
-  """The rl/batch.UpdateBatch train/rl.rl_step builds from the kept rows (before ref_logp_RC), as ShapeDtypeStructs;
+  """The rl/batch.UpdateBatch train/rl_stages.rl_step builds from the kept rows (before ref_logp_RC), as ShapeDtypeStructs;
   sampler_logp_RC only when the loss's log-prob temperature is the sampler's (as rl_step decides)."""
   import numpy as np
 
@@ -256,10 +256,10 @@ def with_shardings(shapes, shardings):
 
 
 def abstract_params(model, mesh, rules):
-  from ekipl_jax.models import checkpoint
+  from ekipl_jax.models import hf_checkpoint
 
-  shapes, _ = checkpoint.abstract_params(model)
-  return with_shardings(shapes, checkpoint.param_shardings(model, mesh, rules))
+  shapes, _ = hf_checkpoint.abstract_params(model)
+  return with_shardings(shapes, hf_checkpoint.param_shardings(model, mesh, rules))
 
 
 def per_chip_bytes(tree) -> int:
@@ -427,9 +427,10 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   from ekipl_jax.models.model import vision_config
   from ekipl_jax.rl import update
   from ekipl_jax.sampling.sample import SamplingParams
-  from ekipl_jax.train import policy, rl, trainer
+  from ekipl_jax.train import policy, rl_stages, trainer
 
-  generate = importlib.import_module("ekipl_jax.sampling.generate")  # the package exports a function of that name
+  from ekipl_jax.sampling import sampler
+
   rc = cfg.rl
   optimizer = update.make_optimizer(rc.optimizer)
   state, shardings = trainer.abstract_state(params, optimizer, mesh)
@@ -440,18 +441,18 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   sizes = {"params": per_chip_bytes(params), "state": per_chip_bytes(state), "ref_params": per_chip_bytes(ref or {})}
   others = sizes["state"] - sizes["params"]  # optimizer moments and counters
 
-  # Sampler (generate.generate): prompts placed by generate._place, patches / metadata / rng unplaced (replicated).
+  # Sampler (sampler.generate): prompts placed as sampler.generate places them, patches / metadata / rng unplaced (replicated).
   ids, mask = prompt_ids(model, geo, B)
   grid = np.tile(np.asarray(geo.grid, np.int64), (B * geo.images_per_prompt, 1))
-  ids_BP, mask_BP, pos_3BP, first_pos_B, _, _ = generate.prepare_prompts(model, ids, mask, None, grid, (geo.P,))
+  ids_BP, mask_BP, pos_3BP, first_pos_B, _, _ = sampler.prepare_prompts(model, ids, mask, None, grid, (geo.P,))
   place = lambda x, axes: sds(x.shape, x.dtype, sharding.logical_sharding(axes, mesh, rules, x.shape))
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   vcfg = vision_config(model.config)
-  Np = generate._patch_bucket(int(grid.prod(-1).sum()), vcfg.merge_unit)  # as prepare_prompts pads the patches
+  Np = sampler.patch_bucket(int(grid.prod(-1).sum()), vcfg.merge_unit)  # as prepare_prompts pads the patches
   vmeta = jax.tree.map(lambda a: sds(a.shape, a.dtype, rep), vision_lib.vision_metadata(grid, vcfg, pad_to=Np))
   rng = sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, rep)
   sp = SamplingParams(float(rc.sampling.temperature), float(rc.sampling.top_p), int(rc.sampling.top_k))
-  prefill, decode = generate._compiled(model, sp, int(C), int(n), (1,), 0, geo.P)
+  prefill, decode = sampler.programs(model, sp, int(C), int(n), (1,), 0, geo.P)
   prompt_args = (
       place(ids_BP, ("batch", "sequence")),
       place(mask_BP, ("batch", "sequence")),
@@ -477,14 +478,14 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
     r = dict(name="decode", skipped="prefill did not compile", unselected=bool(r.get("unselected")))
   out.append(r)
 
-  # Update batch (train/rl.rl_step): G kept rows per prompt, each with its own images.
-  temp = rl.logprob_temperature(rc)
+  # Update batch (train/rl_stages.rl_step): G kept rows per prompt, each with its own images.
+  temp = rl_stages.logprob_temperature(rc)
   rows = abstract_rows_batch(model, geo, R, C, mesh, rules)
   batch = update_batch(rows, R, C, temp == rc.sampling.temperature, mesh, rules)
   sizes["batch_inputs"] = per_chip_bytes(batch.inputs)
   if ref is not None:
     static = [geo.P, cfg.model.logprob_chunk, temp]
-    ref_fn = rl._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp)
+    ref_fn = rl_stages._ref_fn(model, geo.P, cfg.model.logprob_chunk, temp)
     r = compile_program("ref_logprobs", ref_fn, (ref, batch.inputs), static=static)
     r.update(rows=R, tokens=R * (geo.P + C), resident={"state": sizes["state"]})
     out.append(r)
@@ -495,7 +496,7 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
     else:
       return out, sizes
   sizes["batch"] = per_chip_bytes(batch)
-  step = rl.build_step(model, cfg, optimizer, shardings)(geo.P)
+  step = rl_stages.build_step(model, cfg, optimizer, shardings)(geo.P)
   static = [{k: v for k, v in rc.to_dict().items() if k not in HOST_ONLY_RL}, geo.P, cfg.model.logprob_chunk]
   r = compile_program("update_step", step, (state, batch), static=static)
   r.update(rows=R, tokens=R * (geo.P + C), resident={"ref_params": sizes["ref_params"]})
@@ -513,7 +514,7 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
   from jax.experimental import topologies
 
   from ekipl_jax import sharding
-  from ekipl_jax.models import checkpoint, config as config_lib
+  from ekipl_jax.models import config as config_lib, hf_checkpoint
   from ekipl_jax.train import policy, trainer
 
   if cfg.stage not in ("sft", "rl"):
@@ -532,7 +533,7 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
   chip = CHIPS.get(kind)
   hbm = usable_hbm(mesh)
   hf, hf_source = hf_config_for(cfg)
-  model = checkpoint.build(
+  model = hf_checkpoint.build(
       config_lib.as_config(hf),
       policy.DTYPES[cfg.model.param_dtype],
       policy.DTYPES[cfg.model.compute_dtype],

@@ -208,9 +208,9 @@ def matmul_chain_torch(model, batch: int, steps: int = 32, repeats: int = 3) -> 
 def bench_ours(path: str, ids, mask, new_tokens: int, repeats: int, sampling: dict, dtype: str) -> dict:
   import jax
   import jax.numpy as jnp
-  from ekipl_jax.models.checkpoint import load_pretrained
+  from ekipl_jax.models.hf_checkpoint import load_pretrained
   from ekipl_jax.sampling import generate
-  from ekipl_jax.sampling.generate import count_compilations
+  from ekipl_jax.sampling.sampler import count_compilations
 
   model, params = load_pretrained(path, dtype=jnp.dtype(dtype))
   n_params = sum(x.size for x in jax.tree.leaves(params))

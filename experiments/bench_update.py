@@ -1,7 +1,7 @@
 """The GRPO update step: achieved FLOP/s against the machine's peak, peak memory against an analytic estimate (and
 what remat and chunked log-probs save), compilations after warm-up across prompt lengths.
 
-The step is the trainer's: `update.make_train_step(train.rl.make_logprob_fn(model, P, chunk), optimizer, cfg.rl)` on
+The step is the trainer's: `update.make_train_step(rl_stages.make_logprob_fn(model, P, chunk), optimizer, cfg.rl)` on
 a row batch from `train.batching.rows_batch` (B rows of P prompt + C completion tokens), default rl config (AdamW,
 grad clip, beta 0.04 with ref_logp given, mu 1, one micro-batch), text-only policy.
 
@@ -36,9 +36,9 @@ from ekipl_jax import models
 from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import config as rl_config
 from ekipl_jax.rl import update
-from ekipl_jax.sampling.generate import count_compilations
+from ekipl_jax.sampling.sampler import count_compilations
 from ekipl_jax.train import batching
-from ekipl_jax.train import rl as train_rl
+from ekipl_jax.train import rl_stages
 
 # The text side of the ~40M Qwen2.5-VL bench config (experiments/bench_sampler.py).
 TEXT = dict(
@@ -129,7 +129,7 @@ def build(text: dict, B: int, P: int, C: int, remat: bool, chunk: int):
   model, params = models.init(hf_config(text), jax.random.key(0), remat=remat, with_vision=False)
   cfg = rl_config.default()
   opt = update.make_optimizer(cfg.optimizer)
-  step = update.make_train_step(train_rl.make_logprob_fn(model, P, chunk), opt, cfg)
+  step = update.make_train_step(rl_stages.make_logprob_fn(model, P, chunk), opt, cfg)
   return step, update.init_state(params, opt), make_batch(model, B, P, C), model
 
 

@@ -64,7 +64,7 @@ def write_aux(base) -> str:
   """The external responses for every training example, written once into base.aux.store (a rerun skips stored
   ids); no evaluation example may be in it."""
   from ekipl_jax.data import aux_sources  # pylint: disable=g-import-not-at-top
-  from ekipl_jax.train import data as data_lib  # pylint: disable=g-import-not-at-top
+  from ekipl_jax.train import input_pipeline as data_lib  # pylint: disable=g-import-not-at-top
 
   builder = data_lib.prepare(base.data)
   train = data_lib.first(data_lib.source(builder, base.data.train_split), 0)

@@ -81,7 +81,7 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "openai: progress bar on stderr 
 
 def refused_ids(builder, dcfg, split: str) -> set[str]:
   """Ids of every split except the training split, plus data.eval_splits (evaluation data never enters a store)."""
-  from ekipl_jax.train import data as data_lib
+  from ekipl_jax.train import input_pipeline as data_lib
 
   splits = {s for s in builder.info.splits if s != dcfg.train_split} | set(dcfg.eval_splits)
   return {ex["id"] for s in sorted(splits) for ex in data_lib.first(data_lib.source(builder, s), 0)}
@@ -101,7 +101,7 @@ def dataset_name(builder, dcfg, split: str) -> str:
 
 def run() -> dict:
   from ekipl_jax.data import aux_sources
-  from ekipl_jax.train import data as data_lib
+  from ekipl_jax.train import input_pipeline as data_lib
 
   dcfg, source = _DATA.value, _SOURCE.value
   split = _SPLIT.value or dcfg.train_split

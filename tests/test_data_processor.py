@@ -1,6 +1,5 @@
 """Tokenizer folder + processor: offline loading, special ids, chat template, image tokens, padding, SFT layout."""
 
-import importlib
 import io
 
 import numpy as np
@@ -11,6 +10,7 @@ from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor
 from ekipl_jax.data import processor as P
 from ekipl_jax.data import synthetic as S
 from ekipl_jax.data import tokenizer as T
+from ekipl_jax.sampling import sampler
 
 CFG = S.SceneConfig(seed=1)
 REF_CLASS = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}
@@ -152,8 +152,7 @@ def test_pick_bucket_is_the_one_bucket_rule():
   assert P.pick_bucket(24, (), unit=16) == 32 and P.pick_bucket(32, (), unit=16) == 32  # no buckets: round up
   with pytest.raises(ValueError, match="largest bucket that is a multiple of 16"):
     P.pick_bucket(200, (64, 128), unit=16)
-  generate = importlib.import_module("ekipl_jax.sampling.generate")  # the module (sampling.generate is a function)
-  assert [generate._patch_bucket(n, 4) for n in (1, 4, 5, 17, 64)] == [4, 4, 8, 32, 64]  # 4 x powers of two
+  assert [sampler.patch_bucket(n, 4) for n in (1, 4, 5, 17, 64)] == [4, 4, 8, 32, 64]  # 4 x powers of two
 
 
 def test_min_max_pixels_from_config(folder):

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from configs import base, demo, paper
-from ekipl_jax.train import checkpoint as checkpoint_lib
+from ekipl_jax.train import state_checkpoint as checkpoint_lib
 from ekipl_jax.train import loop, trainer, validate
 from ekipl_jax.train import metrics as metrics_lib
 from ekipl_jax.train import workdir as workdir_lib
@@ -434,9 +434,9 @@ _KILLER = textwrap.dedent("""
     import jax
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    from ekipl_jax.train import checkpoint, trainer
+    from ekipl_jax.train import state_checkpoint, trainer
     from test_trainer import tiny_config
-    save = checkpoint.Checkpointer.save
+    save = state_checkpoint.Checkpointer.save
 
     def save_then_die(self, step, *a, **k):  # kill -9 while the checkpoint of step 4 is being written
       out = save(self, step, *a, **k)
@@ -444,7 +444,7 @@ _KILLER = textwrap.dedent("""
         os.kill(os.getpid(), signal.SIGKILL)
       return out
 
-    checkpoint.Checkpointer.save = save_then_die
+    state_checkpoint.Checkpointer.save = save_then_die
     cfg = tiny_config(root)  # as _from_ref builds it
     cfg.stage, cfg.data.eval_splits, cfg.workdir = "sft", (), workdir
     cfg.model.init_from = os.path.join(root, "ref", "init")

@@ -275,7 +275,7 @@ def tiny25(tmp_path_factory) -> str:
 
   import hf_fixtures as F
   from ekipl_jax import models
-  from ekipl_jax.models import checkpoint as ckpt
+  from ekipl_jax.models import hf_checkpoint as ckpt
 
   model = ckpt.build(models.QwenVLConfig.from_hf(F.tiny_config_dict("qwen2_5_vl")))
   rng = np.random.default_rng(0)
@@ -325,7 +325,7 @@ def test_non_finite_weights_are_refused_at_load_and_export(tiny25, tmp_path):
   import jax
 
   from ekipl_jax import models
-  from ekipl_jax.models import checkpoint as ckpt
+  from ekipl_jax.models import hf_checkpoint as ckpt
 
   path = _copy(tiny25, tmp_path / "nan")
   tensors = {k: np.array(v()) for k, v in ckpt.open_tensors(path).items()}
@@ -410,7 +410,7 @@ def test_rl_refuses_to_start_on_an_uncovering_store(tmp_path):
   from test_trainer import tiny_config
 
   from ekipl_jax.data import builders
-  from ekipl_jax.train import data as data_lib
+  from ekipl_jax.train import input_pipeline as data_lib
   from ekipl_jax.train import trainer
 
   cfg = tiny_config(str(tmp_path))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ekipl_jax.models import checkpoint, vision
+from ekipl_jax.models import hf_checkpoint, vision
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +77,7 @@ def jax_tower(family: str, **kw):
   visual = hf_visual(family)
   cfg = vision.VisionConfig.from_hf(visual.config.to_dict(), family)
   sd = {k: v.detach().numpy() for k, v in visual.state_dict().items()}
-  return vision.VisionTower(cfg, **kw), {"params": checkpoint.vision_params_from_state_dict(sd)}
+  return vision.VisionTower(cfg, **kw), {"params": hf_checkpoint.vision_params_from_state_dict(sd)}
 
 
 def pixels(grid, seed: int = 0) -> np.ndarray:
@@ -107,11 +107,11 @@ def test_param_names_roundtrip(family):
   init = nn.unbox(tower.init(jax.random.PRNGKey(0), pixels(GRIDS["one"]), np.asarray(GRIDS["one"])))
   shapes = lambda t: jax.tree_util.tree_map(np.shape, t)
   assert shapes(init) == shapes(params)
-  back = checkpoint.vision_state_dict_from_params(params["params"], tower.config)
+  back = hf_checkpoint.vision_state_dict_from_params(params["params"], tower.config)
   assert sorted(back) == sorted("model.visual." + k for k in sd)
   for k, v in sd.items():
     np.testing.assert_array_equal(back["model.visual." + k], v)
-  assert checkpoint.vision_hf_to_flax_name("model.visual.blocks.3.attn.qkv.weight")[0] == (
+  assert hf_checkpoint.vision_hf_to_flax_name("model.visual.blocks.3.attn.qkv.weight")[0] == (
       "blocks_3",
       "attn",
       "qkv",

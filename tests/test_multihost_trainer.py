@@ -141,8 +141,8 @@ def _write_aux_store(cfg, path: str) -> None:
   enough not to be cut, so they earn accuracy and format rewards and the advantages are not all zero)."""
   from test_trainer import _scene
   from ekipl_jax.data import synthetic
-  from ekipl_jax.sampling import aux_store
-  from ekipl_jax.train import data as data_lib
+  from ekipl_jax.data import aux_store
+  from ekipl_jax.train import input_pipeline as data_lib
 
   builder = data_lib.prepare(cfg.data)
   with aux_store.AuxStoreWriter(path) as w:

@@ -1,6 +1,6 @@
 """End to end, the RL machinery raises the expected reward of a tiny random policy on a learnable task.
 
-The stages of train/rl.py (the ones rl_step runs) on a text-only tiny Qwen2-VL: sample (N samples per prompt) ->
+The stages of train/rl_stages.py (the ones rl_step runs) on a text-only tiny Qwen2-VL: sample (N samples per prompt) ->
 assemble (+ a stored external response for EKIPL) -> reward -> select -> advantages -> update_batch -> the update
 step with the trainer's log-prob function. The reward (registered as "target_fraction") is computed from the
 completion text: the fraction of the C completion slots that hold the TARGET token (an EOS ends the completion and
@@ -21,8 +21,8 @@ from ekipl_jax import models
 from ekipl_jax import rewards as rewards_lib
 from ekipl_jax.rl import config, update
 from ekipl_jax.sampling import groups as groups_lib
-from ekipl_jax.sampling.aux_store import AuxResponse
-from ekipl_jax.train import rl as train_rl
+from ekipl_jax.data.aux_store import AuxResponse
+from ekipl_jax.train import rl_stages
 from hf_fixtures import tiny_config_dict
 
 V, EOS, PAD, TARGET = 32, 2, 0, 7  # vocabulary, end of completion, padding, the rewarded token
@@ -83,18 +83,18 @@ def rl_cfg(selection_mode: str):
   return c
 
 
-def expected_reward(model, params, prompts: train_rl.Prompts, cfg) -> float:
-  sc = train_rl.SamplingConfig(EVAL_SAMPLES, C, temperature=1.0, eos_token_ids=(EOS,), pad_token_id=PAD)
-  out = train_rl.sample(model, params, prompts, sc, jax.random.key(123))
-  g = train_rl.assemble(prompts, out, None, CODEC, cfg)
-  return float(np.mean(train_rl.reward(g, EXAMPLES, cfg)[0]))
+def expected_reward(model, params, prompts: rl_stages.Prompts, cfg) -> float:
+  sc = rl_stages.SamplingConfig(EVAL_SAMPLES, C, temperature=1.0, eos_token_ids=(EOS,), pad_token_id=PAD)
+  out = rl_stages.sample(model, params, prompts, sc, jax.random.key(123))
+  g = rl_stages.assemble(prompts, out, None, CODEC, cfg)
+  return float(np.mean(rl_stages.reward(g, EXAMPLES, cfg)[0]))
 
 
-def rl_step(model, train_step, state, cfg, store, prompts: train_rl.Prompts, step: int):
-  """One GRPO / EKIPL step: train/rl.py's run_step, as rl_step runs it, minus the dataset and the processor."""
+def rl_step(model, train_step, state, cfg, store, prompts: rl_stages.Prompts, step: int):
+  """One GRPO / EKIPL step: train/rl_stages.py's run_step, as rl_step runs it, minus the dataset and the processor."""
   rng = jax.random.fold_in(jax.random.key(0), step)
   sources = ("oracle",) if store else ()
-  state, metrics, _ = train_rl.run_step(
+  state, metrics, _ = rl_stages.run_step(
       model, state, train_step, prompts, EXAMPLES, store, CODEC, cfg, rng, source_names=sources
   )
   return state, metrics["reward/policy_mean"]
@@ -104,10 +104,10 @@ def train(selection_mode: str, store) -> tuple[float, float, list[float]]:
   """(expected reward before, after STEPS steps, the sampled policy reward of each step)."""
   model, params = tiny_policy()
   ids_BP, mask_BP = prompts()
-  prompts_ = train_rl.Prompts(ids_BP, mask_BP, tuple(ex["id"] for ex in EXAMPLES))
+  prompts_ = rl_stages.Prompts(ids_BP, mask_BP, tuple(ex["id"] for ex in EXAMPLES))
   cfg = rl_cfg(selection_mode)
   optimizer = update.make_optimizer(cfg.optimizer)
-  train_step = update.make_train_step(train_rl.make_logprob_fn(model, P, chunk=8), optimizer, cfg)
+  train_step = update.make_train_step(rl_stages.make_logprob_fn(model, P, chunk=8), optimizer, cfg)
   before = expected_reward(model, params, prompts_, cfg)
   state = update.init_state(params, optimizer)
   curve = []

@@ -70,7 +70,7 @@ def test_logprob_temperature_switch():
 
   from ekipl_jax.rl import config
   from ekipl_jax.train import batching
-  from ekipl_jax.train import rl as train_rl
+  from ekipl_jax.train import rl_stages
 
   model, params = models.init(tiny_config_dict("qwen2_vl"), jax.random.key(1), dtype=jnp.float32, with_vision=False)
   ids = np.random.default_rng(0).integers(3, TEXT_VOCAB, (2, P + C)).astype(np.int32)
@@ -85,7 +85,7 @@ def test_logprob_temperature_switch():
   rcfg.sampling = ConfigDict(dict(temperature=0.7))
   for setting, T in ((None, 0.7), (1.0, 1.0)):
     rcfg.logprob_temperature = setting
-    assert train_rl.logprob_temperature(rcfg) == T
-    logp = train_rl.make_logprob_fn(model, P, 4, train_rl.logprob_temperature(rcfg))(params, batch)[0]
+    assert rl_stages.logprob_temperature(rcfg) == T
+    logp = rl_stages.make_logprob_fn(model, P, 4, rl_stages.logprob_temperature(rcfg))(params, batch)[0]
     np.testing.assert_allclose(np.asarray(logp), expected(T), rtol=1e-5, atol=1e-5)
   assert np.abs(expected(1.0) - expected(0.7)).max() > 1e-3

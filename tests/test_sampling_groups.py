@@ -5,7 +5,7 @@ import types
 import numpy as np
 import pytest
 
-from ekipl_jax.sampling.aux_store import AuxResponse, AuxStore, AuxStoreError, AuxStoreWriter
+from ekipl_jax.data.aux_store import AuxResponse, AuxStore, AuxStoreError, AuxStoreWriter
 from ekipl_jax.sampling.groups import Codec, assemble, repeat_images
 
 EOS, PAD = 1, 0

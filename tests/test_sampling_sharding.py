@@ -7,9 +7,9 @@ import pytest
 
 import hf_fixtures as F
 from ekipl_jax import sharding
-from ekipl_jax.models.checkpoint import load_pretrained
+from ekipl_jax.models.hf_checkpoint import load_pretrained
 from ekipl_jax.sampling import generate
-from ekipl_jax.sampling.generate import count_compilations
+from ekipl_jax.sampling.sampler import count_compilations
 
 C = 8
 KW = dict(max_new_tokens=C, temperature=0.0, eos_token_ids=[F.VOCAB + 1])

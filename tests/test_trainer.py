@@ -10,8 +10,8 @@ import pytest
 
 from configs import demo
 from ekipl_jax.data import synthetic
-from ekipl_jax.sampling import aux_store
-from ekipl_jax.train import data as data_lib
+from ekipl_jax.data import aux_store
+from ekipl_jax.train import input_pipeline as data_lib
 from ekipl_jax.train import loop, trainer
 
 pytestmark = pytest.mark.slow

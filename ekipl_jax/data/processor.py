@@ -139,7 +139,7 @@ def encode_completion(proc: Processor, text: str, add_eos: bool = False) -> list
 def pick_bucket(length: int, buckets: Sequence[int], unit: int = 1) -> int:
   """The smallest of `buckets` that is >= length and a multiple of `unit`; with no buckets, length rounded up to a
   multiple of `unit`. Padding to a bucket lets varying lengths reuse one compilation per bucket. The package's one
-  bucket rule: prompt and SFT target lengths (here), the sampler's prompts and image patches (sampling/generate.py)
+  bucket rule: prompt and SFT target lengths (here), the sampler's prompts and image patches (sampling/sampler.py)
   and the training batch's per-row patch budget (models/packed.py)."""
   fits = [b for b in sorted(buckets) if b >= length and b % unit == 0]
   if fits:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from ekipl_jax import sharding
-from ekipl_jax.models.checkpoint import abstract_params, build, load_pretrained, param_shardings, save_pretrained
+from ekipl_jax.models.hf_checkpoint import abstract_params, build, load_pretrained, param_shardings, save_pretrained
 from ekipl_jax.models.config import QwenVLConfig, as_config
 from ekipl_jax.models.logprobs import token_logprobs
 from ekipl_jax.models.model import QwenVL, dummy_inputs, init_cache, rope_index

@@ -22,7 +22,7 @@ of `attn_chunk`. Window blocks look only at the keys within `config.max_window_p
 windows are contiguous in compute order); full blocks do the same with `max_frame_patches` when given (a static
 promise about the largest frame), else O(N^2). A batch of rows runs the tower per row (models/packed.py).
 
-Parameter names mirror transformers' `visual.*` keys; the mapping is models/checkpoint.py's (vision_hf_to_flax_name).
+Parameter names mirror transformers' `visual.*` keys; the mapping is models/hf_checkpoint.py's (vision_hf_to_flax_name).
 """
 
 from __future__ import annotations

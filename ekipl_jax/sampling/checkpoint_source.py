@@ -22,7 +22,7 @@ from ekipl_jax import models
 from ekipl_jax.data import aux_sources
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.data.aux_store import AuxResponse, AuxStoreWriter, RefuseIds, check_refused
-from ekipl_jax.sampling.generate import generate
+from ekipl_jax.sampling.sampler import generate
 
 PROMPT_BUCKETS = tuple(64 * 2**i for i in range(7))  # 64 .. 4096 prompt tokens
 

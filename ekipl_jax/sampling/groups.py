@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ekipl_jax.sampling.aux_store import AuxResponse, AuxStore
+from ekipl_jax.data.aux_store import AuxResponse, AuxStore
 
 POLICY = "policy"
 

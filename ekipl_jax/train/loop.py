@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from ekipl_jax.train import checkpoint as checkpoint_lib
+from ekipl_jax.train import state_checkpoint as checkpoint_lib
 from ekipl_jax.train import metrics as metrics_lib
 
 

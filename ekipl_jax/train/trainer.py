@@ -20,10 +20,10 @@ from ekipl_jax import models, sharding, train_state
 from ekipl_jax.data import builders
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.rl import selection, update
-from ekipl_jax.sampling import aux_store
-from ekipl_jax.train import data as data_lib
+from ekipl_jax.data import aux_store
+from ekipl_jax.train import input_pipeline as data_lib
 from ekipl_jax.train import evaluate as eval_lib
-from ekipl_jax.train import loop, policy, rl, sft, validate
+from ekipl_jax.train import loop, policy, rl_stages, sft, validate
 from ekipl_jax.train import workdir as workdir_lib
 
 T = TypeVar("T")
@@ -171,14 +171,14 @@ def run_rl(cfg, model, params, proc, builder, mesh):
     aux_store.check_coverage(store, train_ids, cfg.aux.sources, cfg.aux.min_coverage, log=log)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   shardings = state_sharding(params, optimizer, mesh)
-  ctx = rl.RLContext(
+  ctx = rl_stages.RLContext(
       cfg=cfg,
       model=model,
       proc=proc,
       train_src=src,
       store=store,
       mesh=mesh,
-      train_step=rl.build_step(model, cfg, optimizer, shardings),
+      train_step=rl_stages.build_step(model, cfg, optimizer, shardings),
       ref_params=params if cfg.rl.beta != 0 else None,
   )
   # The reference keeps its own copy (the train state's params are donated to the update step), sharded like the
@@ -190,7 +190,7 @@ def run_rl(cfg, model, params, proc, builder, mesh):
   last_group = {"group_of_first_prompt": ""}  # the latest step's first group, logged as text at evaluation steps
 
   def step_fn(s, i):
-    s, metrics, last_group["group_of_first_prompt"] = rl.rl_step(ctx, s, i)
+    s, metrics, last_group["group_of_first_prompt"] = rl_stages.rl_step(ctx, s, i)
     return s, metrics
 
   state, lines = loop.run_loop(

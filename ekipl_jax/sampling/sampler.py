@@ -55,7 +55,7 @@ class SampleOutput:
   policy_logprobs: jax.Array
 
 
-def _patch_bucket(n: int, unit: int) -> int:
+def patch_bucket(n: int, unit: int) -> int:
   """Image patches are padded to the merge unit times a power of two (one compilation per power)."""
   return processor_lib.pick_bucket(n, [unit << k for k in range(32)])
 
@@ -165,8 +165,9 @@ def _decode(model, sp: SamplingParams, C: int, eos: tuple[int, ...], pad_id: int
 _JITTED: dict[tuple, tuple[Any, Any, Any]] = {}
 
 
-def _compiled(model, sp, C, num_samples, eos, pad_id, P):
-  """jit objects per (model, static settings); their own caches key on shapes."""
+def programs(model, sp, C, num_samples, eos, pad_id, P):
+  """(prefill, decode): the jit objects per (model, static settings), cached; their own caches key on shapes.
+  experiments/aot.py lowers these same objects for a TPU topology."""
   key = (id(model), sp, C, num_samples, eos, pad_id, P)
   hit = _JITTED.get(key)
   if hit is not None and hit[0] is model:
@@ -219,7 +220,7 @@ def prepare_prompts(
   if pixel_values is not None:
     vcfg = vision_config(c)
     grid = np.asarray(image_grid_thw).reshape(-1, 3)
-    n = _patch_bucket(int(np.asarray(pixel_values).shape[0]), vcfg.merge_unit)
+    n = patch_bucket(int(np.asarray(pixel_values).shape[0]), vcfg.merge_unit)
     pixels = vision_lib.pad_patches(np.asarray(pixel_values, np.float32), n)
     vmeta = vision_lib.vision_metadata(grid, vcfg, pad_to=n)
   return ids_BP, mask_BP, np.asarray(pos_3BP, np.int32), first_pos_B, pixels, vmeta
@@ -256,7 +257,7 @@ def generate(
       model, input_ids, attention_mask, pixel_values, image_grid_thw, prompt_buckets
   )
   P = ids_BP.shape[1]
-  prefill, decode = _compiled(model, sp, int(max_new_tokens), int(num_samples), eos, int(pad_token_id), P)
+  prefill, decode = programs(model, sp, int(max_new_tokens), int(num_samples), eos, int(pad_token_id), P)
   state = prefill(
       params,
       _place(model, ids_BP, ("batch", "sequence")),

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from ekipl_jax.sampling import aux_store
-from ekipl_jax.sampling.aux_store import AuxResponse, AuxStore, AuxStoreError, AuxStoreWriter, ContaminationError
+from ekipl_jax.data import aux_store
+from ekipl_jax.data.aux_store import AuxResponse, AuxStore, AuxStoreError, AuxStoreWriter, ContaminationError
 
 
 def _resp(i: int, source: str = "gpt-4o", sample: int = 0, **kw) -> AuxResponse:

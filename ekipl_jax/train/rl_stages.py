@@ -32,7 +32,7 @@ from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import selection, update
 from ekipl_jax.sampling import groups as groups_lib
 from ekipl_jax.train import batching
-from ekipl_jax.train import data as data_lib
+from ekipl_jax.train import input_pipeline as data_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +258,7 @@ class RLContext:
   cfg: Any
   model: Any
   proc: Any
-  train_src: Any  # the training split (train/data.py source)
+  train_src: Any  # the training split (train/input_pipeline.py source)
   store: Any  # AuxStore or None (plain GRPO)
   mesh: Any
   train_step: Any  # build_step(...): the update step for a prompt length

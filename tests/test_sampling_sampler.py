@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures as F
-from ekipl_jax.models.checkpoint import load_pretrained
+from ekipl_jax.models.hf_checkpoint import load_pretrained
 from ekipl_jax.models.model import rope_index
 from ekipl_jax.sampling import generate
 
