@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.steps = 0  # optimizer steps (0: one epoch over num_examples)
   c.sft.num_examples = 1600  # Reason-RFT stage 1: 1.6k examples per task
   c.sft.batch_size = 16  # examples per step
+  c.sft.micro_batches = 1  # gradient accumulation: the batch is split into this many micro-batches (exact;
+  # must divide sft.batch_size; train/sft.py)
   c.sft.lr = 1e-5  # peak learning rate (Reason-RFT: 1e-5, cosine)
   c.sft.warmup_steps = 100  # linear warm-up (Reason-RFT: 100)
   c.sft.weight_decay = 0.1  # AdamW weight decay (Reason-RFT: 0.1)

@@ -6,6 +6,11 @@
 Non-finite skip, as the RL update step (rl/update.py): when the loss or the gradient norm is not finite, params and
 optimizer state stay exactly as they were (the lr schedule does not advance), state.skipped_steps grows by one and
 the step's metrics say skipped=1; the loop stops the run after config.max_consecutive_skips such steps in a row.
+
+Micro-batching (sft.micro_batches = k): the R rows are split into k micro-batches (micro-batch j holds rows j, j+k,
+..., as rl/update.py splits them, so each stays spread over the batch devices) and a lax.scan sums each one's
+gradient of its token-loss sum and its token count; the step divides by the whole batch's count, so the loss and
+gradient are the big batch's up to float summation order, while only R / k rows' activations are live at a time.
 """
 
 from __future__ import annotations
@@ -22,16 +27,58 @@ from ekipl_jax.train import batching
 from ekipl_jax.train_state import TrainState
 
 
-def make_sft_step(model, optimizer: optax.GradientTransformation, chunk_size: int, *, state_sharding: Any = None):
-  """state_sharding: the state's out-sharding (else XLA picks one, which the next call compiles for again)."""
+def split_rows(batch: dict, k: int) -> dict:
+  """[R * n, ...] -> [k, (R / k) * n, ...] for every array of a rows batch (n = entries per row); micro-batch j gets
+  rows j, j + k, ... (rl/update.py's assignment)."""
+  R = batch["input_ids"].shape[0]
+  if R % k:
+    raise ValueError(f"config key sft.micro_batches: {k} does not divide the batch's {R} rows")
 
-  def loss_fn(params, batch, P):
+  def one(x):
+    n = x.shape[0] // R
+    return x.reshape(R // k, k, n, *x.shape[1:]).swapaxes(0, 1).reshape(k, (R // k) * n, *x.shape[1:])
+
+  return jax.tree.map(one, batch)
+
+
+def make_sft_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    chunk_size: int,
+    *,
+    micro_batches: int = 1,
+    state_sharding: Any = None,
+):
+  """micro_batches: exact gradient accumulation over this many micro-batches (module doc). state_sharding: the
+  state's out-sharding (else XLA picks one, which the next call compiles for again)."""
+  k = int(micro_batches)
+
+  def loss_sum(params, batch, P):
     logp_RC, _ = packed.row_logprobs(model, params, batch, targets_from=P, chunk_size=chunk_size)
     m_RC = batch["mask"].astype(jnp.float32)
-    return -jnp.sum(logp_RC * m_RC) / jnp.maximum(jnp.sum(m_RC), 1.0)
+    return -jnp.sum(logp_RC * m_RC), jnp.sum(m_RC)
+
+  def grads_and_loss(params, batch, P):
+    """(loss, grads) of the whole batch: sums over micro-batches, divided by the batch's token count."""
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+    if k == 1:
+      (ls, count), g = grad_fn(params, batch, P)
+    else:
+
+      def body(carry, mb):
+        g_acc, ls_acc, n_acc = carry
+        (ls, n), g = grad_fn(params, mb, P)
+        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), ls_acc + ls, n_acc + n), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      (g, ls, count), _ = jax.lax.scan(body, init, split_rows(batch, k))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, params)
+    return ls / denom, grads
 
   def step(state: TrainState, batch: dict, P: int):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, P)
+    loss, grads = grads_and_loss(state.params, batch, P)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     safe = jax.tree.map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), grads)

@@ -146,7 +146,9 @@ def run_sft(cfg, model, params, proc, builder, mesh):
   steps = cfg.sft.steps or -(-n // cfg.sft.batch_size)
   optimizer = sft.optimizer_for(cfg.sft, steps)
   shardings = state_sharding(params, optimizer, mesh)
-  step = sft.make_sft_step(model, optimizer, cfg.model.logprob_chunk, state_sharding=shardings)
+  step = sft.make_sft_step(
+      model, optimizer, cfg.model.logprob_chunk, micro_batches=cfg.sft.micro_batches, state_sharding=shardings
+  )
   state = init_state(params, optimizer, shardings)
 
   def step_fn(state, i):

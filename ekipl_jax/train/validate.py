@@ -117,7 +117,10 @@ def config(cfg) -> None:
 def _sft(cfg) -> None:
   _int(cfg, "sft.steps", 0)
   _int(cfg, "sft.num_examples", 1)
-  _int(cfg, "sft.batch_size", 1)
+  rows = _int(cfg, "sft.batch_size", 1)
+  k = _int(cfg, "sft.micro_batches", 1)
+  if rows % k:
+    _fail("sft.micro_batches", f"{k} does not divide the batch sft.batch_size = {rows} rows")
   _positive(cfg, "sft.lr")
   _int(cfg, "sft.warmup_steps", 0)
   if _number(cfg, "sft.weight_decay") < 0:
@@ -204,7 +207,7 @@ def mesh(cfg, num_devices: int) -> None:
   batch_devices = shape[0] * shape[1]
   rows = {}
   if cfg.stage == "sft":
-    rows["sft.batch_size"] = cfg.sft.batch_size
+    rows["sft.batch_size / sft.micro_batches"] = cfg.sft.batch_size // cfg.sft.micro_batches
   if cfg.stage == "rl":
     M = len(cfg.aux.sources)
     G = (
