@@ -43,12 +43,15 @@ KNOBS = ("m", "k", "g", "n", "selection", "treatment")
 SELECTIONS = selection.RULES.names  # the registered selection rules
 TREATMENTS = loss.TREATMENTS.names  # the registered external-token treatments
 
-# One variant per knob value (the ablation grid a paper table would show); every one loads (tests/test_configs.py).
+# One variant per knob value (the ablation grid a paper table would show); every one loads (tests/test_configs.py)
+# and passes train/validate.py (tests/test_ablations.py). N < G needs a pool N + M*K >= G (EKIPL keeps G of it): with
+# the paper's M = 2, K = 1 that is N >= G - 2, so the fewest policy samples at G = 8 is n=6 (a pool of exactly G: every
+# external row kept); n=4 would need K = 2.
 VARIANTS = (
     tuple(f"m={m}" for m in (1, 2, 3))
     + tuple(f"k={k}" for k in (1, 2, 4))
     + tuple(f"g={g}" for g in (4, 8, 16))
-    + ("g=8,n=4", "g=8,n=16")
+    + ("g=8,n=6", "g=8,n=16")
     + tuple(f"selection={s}" for s in SELECTIONS)
     + tuple(f"treatment={t}" for t in TREATMENTS)
 )
