@@ -98,3 +98,13 @@ def test_noisy_solver_accuracy():
     assert cot.endswith(f"{ans}.") or cot.endswith(f"{ans} objects.")
     n_ok += ans == int(ex["answer"])
   assert abs(n_ok / n - 0.6) < 0.04
+
+
+def test_ood_range_can_overlap_the_training_range():
+  cfg = syn.SceneConfig(seed=3, ood_min_objects=4, ood_max_objects=7)
+  counts = set()
+  for i in range(200):
+    meta = json.loads(syn.make_example(cfg, "test_ood", i)["metadata"])
+    counts.add(len(meta["objects"]))
+    assert {(o["color"], o["shape"]) for o in meta["objects"]} & syn.HELD_OUT_PAIRS
+  assert counts == {4, 5, 6, 7}

@@ -1,4 +1,4 @@
-"""The enumerated chain of thought and the flawed SFT teacher of the synthetic data (ekipl_jax/data/synthetic.py)."""
+"""The counting chain of thought and the flawed SFT teacher of the synthetic data (ekipl_jax/data/synthetic.py)."""
 
 import json
 import re
@@ -9,21 +9,24 @@ from ekipl_jax.data import processor
 from ekipl_jax.data import synthetic as syn
 
 TRUE = syn.SceneConfig(seed=5)
-BLIND = syn.SceneConfig(seed=5, teacher_blind="small cylinder", teacher_miss_rate=1.0)
+BLIND = syn.SceneConfig(seed=5, teacher_blind="gray", teacher_miss_rate=1.0)
 
 
 def _objects(ex):
   return json.loads(ex["metadata"])["objects"]
 
 
-def test_cot_enumerates_every_object_and_the_count_is_the_last_index():
+def test_cot_counts_every_colour_and_the_last_running_total_is_the_count():
   for i in range(40):
     ex = syn.make_example(TRUE, "train", i)
     objs = _objects(ex)
-    listed = re.findall(r"^(\d+)\. (small|large) (\w+) (cube|sphere|cylinder)$", ex["cot"], re.M)
-    assert [(int(k), s, c, sh) for k, s, c, sh in listed] == [
-        (j, o["size"], o["color"], o["shape"]) for j, o in enumerate(objs, 1)
-    ]
+    got = re.findall(r"^(\w+) objects: (\d+), so far (\d+)$", ex["cot"], re.M)
+    want, total = [], 0  # an independent recount, in the documented colour order
+    for color in ("red", "blue", "green", "yellow", "purple", "gray"):
+      k = len([o for o in objs if o["color"] == color])
+      total += k
+      want.append((color, str(k), str(total)))
+    assert got == want and total == len(objs)
     assert f"In total there are {len(objs)} objects." in ex["cot"]
 
 
@@ -40,36 +43,36 @@ def test_blind_teacher_never_lists_the_kind_and_miscounts_by_it():
     objs = _objects(ex)
     assert ex["metadata"] == ref["metadata"] and ex["image_png"] == ref["image_png"]  # same scene and image
     assert ex["solution"] == ref["answer"]  # the RL reward's ground truth is untouched
-    hidden = sum(o["size"] == "small" and o["shape"] == "cylinder" for o in objs)
-    assert "small" not in ex["cot"] or "cylinder" not in [
-        l.split()[-1] for l in ex["cot"].splitlines() if l.split()[1:2] == ["small"]
-    ]
+    hidden = sum(o["color"] == "gray" for o in objs)
+    assert re.search(r"^gray objects: 0, ", ex["cot"], re.M)  # miss rate 1: never counted
     assert f"In total there are {len(objs) - hidden} objects." in ex["cot"]
     q = json.loads(ex["metadata"])["question"]
-    if q["kind"] == "count":  # by hand: the teacher's answer is the count without the small cylinders
+    if q["kind"] == "count":  # by hand: the teacher's answer is the count without the gray objects
       assert int(ex["answer"]) == len(objs) - hidden
     if q["kind"] in ("add", "subtract_n"):  # n + k or n - k, with the teacher's n
       assert int(ex["answer"]) == int(ref["answer"]) - hidden
     n_wrong += ex["answer"] != ex["solution"]
-  assert n_wrong > 10  # about half the scenes hold a small cylinder
+  assert n_wrong > 10  # about half the scenes hold a gray object
 
 
 def test_blind_teacher_leaves_the_test_splits_truthful_and_rate_zero_is_perfect():
   for split in ("test_id", "test_ood"):
     for i in range(10):
       assert syn.make_example(BLIND, split, i) == syn.make_example(TRUE, split, i)
-  off = syn.SceneConfig(seed=5, teacher_blind="small cylinder", teacher_miss_rate=0.0)
+  off = syn.SceneConfig(seed=5, teacher_blind="gray", teacher_miss_rate=0.0)
   assert all(syn.make_example(off, "train", i) == syn.make_example(TRUE, "train", i) for i in range(10))
 
 
 def test_miss_rate_is_per_object():
   cfg = syn.SceneConfig(seed=5, teacher_blind="cylinder", teacher_miss_rate=0.5)
-  listed = total = 0
+  seen = total = 0
   for i in range(120):
     ex = syn.make_example(cfg, "train", i)
-    total += sum(o["shape"] == "cylinder" for o in _objects(ex))
-    listed += len(re.findall(r"^\d+\. \w+ \w+ cylinder$", ex["cot"], re.M))
-  assert 0.35 < listed / total < 0.65  # each cylinder is listed with probability 1 - 0.5 (~160 cylinders: 4 std)
+    objs = _objects(ex)
+    n_seen = int(re.search(r"In total there are (\d+) objects", ex["cot"]).group(1))
+    total += sum(o["shape"] == "cylinder" for o in objs)
+    seen += n_seen - sum(o["shape"] != "cylinder" for o in objs)  # only cylinders can be missed
+  assert 0.35 < seen / total < 0.65  # each cylinder is counted with probability 1 - 0.5 (~160 cylinders: 4 std)
 
 
 def test_parse_blind():

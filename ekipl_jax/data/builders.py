@@ -201,7 +201,8 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   cell: int = 28  # grid cell (px); 28 = one merged vision token
   min_objects: int = 2  # in-distribution object range
   max_objects: int = 6
-  ood_max_objects: int = 9  # test_ood: [max_objects + 1, ood_max_objects] objects + held-out colour-shapes
+  ood_min_objects: int = 0  # test_ood: [ood_min_objects (0: max_objects + 1), ood_max_objects] objects + held-out pairs
+  ood_max_objects: int = 9
   teacher_blind: str = ""  # train split: objects the flawed SFT teacher misses, e.g. "small cylinder" (see synthetic)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object
 
@@ -212,6 +213,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
         cell=self.cell,
         min_objects=self.min_objects,
         max_objects=self.max_objects,
+        ood_min_objects=self.ood_min_objects,
         ood_max_objects=self.ood_max_objects,
         teacher_blind=self.teacher_blind,
         teacher_miss_rate=self.teacher_miss_rate,
@@ -221,7 +223,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 class SyntheticReasoning(tfds.core.GeneratorBasedBuilder):
   """CLEVR-Math-like counting scenes generated offline from a seed (see ekipl_jax.data.synthetic)."""
 
-  VERSION = tfds.core.Version("1.1.0")  # 1.1.0: enumerated chain of thought, optional flawed teacher
+  VERSION = tfds.core.Version("1.2.0")  # 1.2.0: counts by colour, OOD range; 1.1.0: enumeration, flawed teacher
   BUILDER_CONFIGS = [SyntheticConfig(name="default", description="112 px, 2-6 objects, OOD 7-9")]
 
   def __init__(self, **kwargs):

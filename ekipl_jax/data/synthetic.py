@@ -6,12 +6,17 @@ vision token of Qwen-VL (14 px patches, 2x2 merge), so a tiny policy sees one ob
 
 Splits (documented contract, checked by tests):
   train, test_id : num objects in [min_objects, max_objects]; colour-shape pairs in HELD_OUT_PAIRS never appear.
-  test_ood       : num objects in [max_objects + 1, ood_max_objects] AND every scene has >= 1 held-out pair.
+  test_ood       : num objects in [ood_min_objects, ood_max_objects] (ood_min_objects 0 = max_objects + 1) AND every
+                   scene has >= 1 held-out pair.
 Everything is a pure function of (config, split, index): rng = numpy Generator seeded by (seed, split, index).
 
-The chain of thought enumerates the objects one per line ("3. small red cube"), so the count is the last index.
+The chain of thought counts the objects by colour, one line per colour in a fixed order with a running total
+("gray objects: 1, so far 4"), then states the total and does the question's arithmetic. Each line is a count over
+the image of the most salient attribute (an aggregation a small attention model learns quickly); the enumeration in
+reading order of version 1.1.0 (a pointer over the image tokens) and counts by size and shape were not learned by a
+~1M-parameter policy from scratch in our runs (docs/RESULTS.md).
 
-A flawed SFT teacher (optional, train split only): with `teacher_blind` set (e.g. "small cylinder"), the scripted
+A flawed SFT teacher (optional, train split only): with `teacher_blind` set (e.g. "gray"), the scripted
 solver that writes the training records' chain of thought misses each object of that kind with probability
 `teacher_miss_rate` (it neither lists nor counts it). Such a record's `cot` and `answer` are the teacher's (the SFT
 target), its `solution` stays the ground truth (what the RL reward checks); the test splits are always truthful.
@@ -54,9 +59,10 @@ class SceneConfig:
   cell: int = 28  # grid cell side; 28 = one merged Qwen-VL vision token
   min_objects: int = 2  # in-distribution object count range (inclusive)
   max_objects: int = 6
-  ood_max_objects: int = 9  # test_ood draws counts in [max_objects + 1, ood_max_objects]
+  ood_min_objects: int = 0  # test_ood draws counts in [ood_min_objects, ood_max_objects]; 0 = max_objects + 1
+  ood_max_objects: int = 9
   question_kinds: tuple[str, ...] = QUESTION_KINDS
-  teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "small cylinder" ("" = a perfect teacher)
+  teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "gray" or "small cylinder" ("" = perfect)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object (train split only)
 
   @property
@@ -72,7 +78,8 @@ def _rng(cfg: SceneConfig, split: str, index: int) -> np.random.Generator:
 def sample_scene(cfg: SceneConfig, split: str, rng: np.random.Generator) -> list[dict]:
   """Objects as dicts {cell: [row, col], color, shape, size}, sorted by cell (reading order)."""
   ood = split == "test_ood"
-  lo, hi = (cfg.max_objects + 1, cfg.ood_max_objects) if ood else (cfg.min_objects, cfg.max_objects)
+  ood_lo = cfg.ood_min_objects or cfg.max_objects + 1
+  lo, hi = (ood_lo, cfg.ood_max_objects) if ood else (cfg.min_objects, cfg.max_objects)
   n = int(rng.integers(lo, hi + 1))
   if n > cfg.grid * cfg.grid:
     raise ValueError(f"{n} objects do not fit a {cfg.grid}x{cfg.grid} grid")
@@ -166,15 +173,21 @@ def answer_of(objects: list[dict], question: dict) -> int:
   ]
 
 
-def _enumerate(objects: list[dict]) -> list[str]:
-  """One line per object in reading order, numbered: the last number is the count."""
-  return [f"{i}. {o['size']} {o['color']} {o['shape']}" for i, o in enumerate(objects, 1)]
+def count_lines(objects: list[dict]) -> list[str]:
+  """One line per colour in COLORS order with its count and the running total: the last total is the number of
+  objects the solver sees."""
+  lines, so_far = [], 0
+  for color in COLORS:
+    k = sum(o["color"] == color for o in objects)
+    so_far += k
+    lines.append(f"{color} objects: {k}, so far {so_far}")
+  return lines
 
 
 def write_cot(objects: list[dict], question: dict, n_seen: int, m_seen: int) -> tuple[str, int]:
-  """Chain of thought from the objects the solver lists and the counts it believes it saw; (cot, final answer)."""
+  """Chain of thought from the objects the solver sees and the counts it believes; (cot, final answer)."""
   kind, filt, k = question["kind"], question["filter"], question["k"]
-  lines = ["I list the objects in the image:", *_enumerate(objects), f"In total there are {n_seen} objects."]
+  lines = ["I count the objects by colour:", *count_lines(objects), f"In total there are {n_seen} objects."]
   if kind == "count":
     return "\n".join(lines + [f"So there are {n_seen} objects."]), n_seen
   if kind == "subtract_all":
@@ -208,8 +221,8 @@ def parse_blind(blind: str) -> dict:
 def teacher_solve(
     objects: list[dict], question: dict, blind: dict, miss_rate: float, rng: np.random.Generator
 ) -> tuple[str, int]:
-  """A flawed scripted solver: each object matching `blind` is missed with probability miss_rate (not listed, not
-  counted, also not among the question's matches); otherwise it reasons like `solve`."""
+  """A flawed scripted solver: each object matching `blind` is missed with probability miss_rate (not counted in its
+  colour's line nor in the total, nor among the question's matches); otherwise it reasons like `solve`."""
   seen = [o for o in objects if not (blind and matches(o, blind) and rng.random() < miss_rate)]
   return write_cot(seen, question, len(seen), sum(matches(o, question["filter"]) for o in seen))
 

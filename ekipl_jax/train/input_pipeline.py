@@ -26,11 +26,14 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
   if dcfg.builder == "synthetic_reasoning":
     blind, miss = str(dcfg.get("teacher_blind", "")), float(dcfg.get("teacher_miss_rate", 0.0))
     teacher = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
+    ood_min = int(dcfg.get("ood_min_objects", 0))
+    teacher += f"_ood{ood_min}" if ood_min else ""
     scfg = builders.SyntheticConfig(
         name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{teacher}",
         seed=int(dcfg.get("synthetic_seed", 0)),
         teacher_blind=blind,
         teacher_miss_rate=miss,
+        ood_min_objects=ood_min,
         num_train=int(dcfg.num_train),
         num_test_id=int(dcfg.num_test),
         num_test_ood=int(dcfg.num_test),
