@@ -5,6 +5,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ekipl_jax.data import synthetic as syn
@@ -108,3 +109,11 @@ def test_ood_range_can_overlap_the_training_range():
     counts.add(len(meta["objects"]))
     assert {(o["color"], o["shape"]) for o in meta["objects"]} & syn.HELD_OUT_PAIRS
   assert counts == {4, 5, 6, 7}
+
+
+def test_question_kinds_subset_and_unknown_kind_named():
+  cfg = syn.SceneConfig(seed=3, question_kinds=("count", "add"))
+  kinds = {json.loads(syn.make_example(cfg, "train", i)["metadata"])["question"]["kind"] for i in range(60)}
+  assert kinds == {"count", "add"}
+  with pytest.raises(ValueError, match="'subtract_some'"):
+    syn.SceneConfig(question_kinds=("count", "subtract_some"))

@@ -65,6 +65,11 @@ class SceneConfig:
   teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "gray" or "small cylinder" ("" = perfect)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object (train split only)
 
+  def __post_init__(self):
+    bad = [k for k in self.question_kinds if k not in QUESTION_KINDS]
+    if bad or not self.question_kinds:
+      raise ValueError(f"question_kinds {tuple(self.question_kinds)}: expected a non-empty subset of {QUESTION_KINDS}")
+
   @property
   def grid(self) -> int:
     return self.image_size // self.cell

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ekipl_jax.data import builders
+from ekipl_jax.data import builders, synthetic
 
 
 def _expand(path: str) -> str:
@@ -28,12 +28,15 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
     teacher = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
     ood_min = int(dcfg.get("ood_min_objects", 0))
     teacher += f"_ood{ood_min}" if ood_min else ""
+    kinds = tuple(dcfg.get("question_kinds", ())) or synthetic.QUESTION_KINDS
+    teacher += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
     scfg = builders.SyntheticConfig(
         name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{teacher}",
         seed=int(dcfg.get("synthetic_seed", 0)),
         teacher_blind=blind,
         teacher_miss_rate=miss,
         ood_min_objects=ood_min,
+        question_kinds=kinds,
         num_train=int(dcfg.num_train),
         num_test_id=int(dcfg.num_test),
         num_test_ood=int(dcfg.num_test),
