@@ -7,10 +7,13 @@ L layers, K kv heads, Dh head dim, V vocab, Np vision patches (bucketed), 3 = M-
     out = generate(model, params, input_ids, attention_mask, pixel_values, image_grid_thw, max_new_tokens=128,
                    temperature=0.9, top_p=0.9, top_k=50, eos_token_ids=[im_end, eot], rng=key, num_samples=8)
 
-Prompts are left padded; they are padded further (on the left) to a length bucket and the image patches to a patch
-bucket, so varying lengths reuse compilations. The 3D positions and rope deltas are computed host-side
-(models.rope_index); a generated token n (0-based) of a row sits at position n_valid + rope_delta + n in all three
-streams, as in transformers. num_samples > 1 prefills each prompt once and repeats its cache rows.
+Prompts are left padded; they are padded further (on the left) to a length bucket, and each prompt's image patches
+are packed into its own row of a patch bucket (models/packed.py), so varying lengths reuse compilations. The prefill
+runs the vision tower per prompt row (jax.vmap over rows, the row axis sharded like the batch): its activations and
+attention scale with one row's patches times the rows on a chip, never with the whole batch's patches. The 3D
+positions and rope deltas are computed host-side (models.rope_index); a generated token n (0-based) of a row sits at
+position n_valid + rope_delta + n in all three streams, as in transformers. num_samples > 1 prefills each prompt once
+and repeats its cache rows.
 Sharding: with `model.mesh` set, inputs are placed batch-sharded and each layer's cache buffer is constrained to
 (batch, kv_heads, sequence, head_dim) by the rules in ekipl_jax/sharding.py; params are used as placed.
 """
@@ -28,7 +31,7 @@ import numpy as np
 
 from ekipl_jax import sharding
 from ekipl_jax.data import processor as processor_lib
-from ekipl_jax.models import vision as vision_lib
+from ekipl_jax.models import packed as packed_lib
 from ekipl_jax.models.model import init_cache, rope_index, vision_config
 from ekipl_jax.sampling.sample import SamplingParams, sample_step
 
@@ -80,16 +83,14 @@ def _prefill(
     mask_BP,
     pos_3BP,
     first_pos_B,
-    pixels_NpK,
-    vmeta,
+    packed,
     rng,
 ):
-  """Prompt -> decode state with the first new token sampled (column 0)."""
+  """Prompt -> decode state with the first new token sampled (column 0). packed: the prompts' row-packed images
+  (models/packed.py PACKED_KEYS, leading axis B) or None."""
   B, P = ids_BP.shape
   N, S = B * num_samples, P + C
-  x_BPD, _, _ = model.apply(
-      params, ids_BP, mask_BP, pixels_NpK, positions=pos_3BP, vision_metadata=vmeta, method="embed"
-  )
+  x_BPD = packed_lib.embed_rows(model, params, ids_BP, pos_3BP, packed)
   key_mask_BS = jnp.concatenate([mask_BP.astype(jnp.int32), jnp.ones((B, C), jnp.int32)], axis=1)
   cache = init_cache(model.config, B, S, model.dtype, per_layer=True)
   cache = jax.tree.map(lambda c: sharding.constrain(c, CACHE_AXES, model.mesh, model.rules), cache)
@@ -205,7 +206,9 @@ def prepare_prompts(
     image_grid_thw=None,
     prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
 ):
-  """Host side: bucket + left pad, 3D positions, first decode positions, padded patches and vision metadata."""
+  """Host side: bucket + left pad, 3D positions, first decode positions, and the images packed per prompt row
+  (models/packed.py; None without images). A row's images are the next ones in image_grid_thw's order whose tokens
+  make up its image pad tokens."""
   c = model.config
   ids_BT = np.asarray(input_ids)
   mask_BT = np.ones_like(ids_BT) if attention_mask is None else np.asarray(attention_mask)
@@ -216,14 +219,31 @@ def prepare_prompts(
   mask_BP = _left_pad(mask_BT, P, 0).astype(np.int32)
   pos_3BP, deltas_B = rope_index(c, ids_BP, mask_BP, image_grid_thw)
   first_pos_B = (mask_BP.sum(1) + np.asarray(deltas_B)).astype(np.int32)
-  pixels, vmeta = None, None
+  packed = None
   if pixel_values is not None:
-    vcfg = vision_config(c)
+    u = vision_config(c).merge_unit
     grid = np.asarray(image_grid_thw).reshape(-1, 3)
-    n = patch_bucket(int(np.asarray(pixel_values).shape[0]), vcfg.merge_unit)
-    pixels = vision_lib.pad_patches(np.asarray(pixel_values, np.float32), n)
-    vmeta = vision_lib.vision_metadata(grid, vcfg, pad_to=n)
-  return ids_BP, mask_BP, np.asarray(pos_3BP, np.int32), first_pos_B, pixels, vmeta
+    per_row = images_per_row(ids_BP == c.image_token_id, grid.prod(-1) // u)
+    packed = packed_lib.pack_rows(model, pixel_values, grid, per_row, [u << k for k in range(32)])
+  return ids_BP, mask_BP, np.asarray(pos_3BP, np.int32), first_pos_B, packed
+
+
+def images_per_row(is_img_BP: np.ndarray, tokens_I: np.ndarray) -> list[int]:
+  """How many of the images (in order; tokens_I image pad tokens each) each row's image pad tokens hold."""
+  out, i = [], 0
+  for r, n in enumerate(is_img_BP.sum(1).tolist()):
+    start = i
+    while n > 0 and i < len(tokens_I):
+      n, i = n - int(tokens_I[i]), i + 1
+    if n != 0:
+      raise ValueError(
+          f"prompt row {r}: its image pad tokens do not match the images of image_grid_thw in order "
+          f"(images {start}..{i - 1} hold {int(np.sum(tokens_I[start:i]))} tokens, the row {int(is_img_BP[r].sum())})"
+      )
+    out.append(i - start)
+  if i != len(tokens_I):
+    raise ValueError(f"image_grid_thw has {len(tokens_I)} images, the prompts' image pad tokens hold {i}")
+  return out
 
 
 def _place(model, x, axes):
@@ -253,7 +273,7 @@ def generate(
   """Sample max_new_tokens (at most) per row; see SampleOutput for the fields and the module doc for the rest."""
   sp = SamplingParams(float(temperature), float(top_p), int(top_k))
   eos = tuple(sorted({int(e) for e in eos_token_ids}))
-  ids_BP, mask_BP, pos_3BP, first_pos_B, pixels, vmeta = prepare_prompts(
+  ids_BP, mask_BP, pos_3BP, first_pos_B, packed = prepare_prompts(
       model, input_ids, attention_mask, pixel_values, image_grid_thw, prompt_buckets
   )
   P = ids_BP.shape[1]
@@ -264,8 +284,7 @@ def generate(
       _place(model, mask_BP, ("batch", "sequence")),
       _place(model, pos_3BP, (None, "batch", "sequence")),
       _place(model, first_pos_B, ("batch",)),
-      pixels,
-      vmeta,
+      None if packed is None else {k: _place(model, v, ("batch",) + (None,) * (v.ndim - 1)) for k, v in packed.items()},
       rng,
   )
   cache = state.pop("cache")
