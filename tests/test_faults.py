@@ -333,18 +333,22 @@ def test_resume_with_a_changed_config_is_refused_unless_asked(tmp_path, capsys):
   c2 = copy.deepcopy(c)
   c2.fail_at_step, c2.mesh.process_id = 3, 1  # launch keys: no difference
   assert workdir_lib.check_config(wd, c2) == {}
-  c2.sft.lr, c2.rl.group_size = 1e-3, 4
+  c2.rl.optimizer.lr, c2.rl.group_size = 1e-3, 4
   with pytest.raises(workdir_lib.ConfigChanged) as e:
     workdir_lib.check_config(wd, c2)
   assert "2 keys differ" in str(e.value) and "rl.group_size: 8 -> 4" in str(e.value)
-  assert f"sft.lr: {c.sft.lr!r} -> 0.001" in str(e.value) and "--config.resume_changed=True" in str(e.value)
+  assert f"rl.optimizer.lr: {c.rl.optimizer.lr!r} -> 0.001" in str(e.value) and "--config.resume_changed=True" in str(
+      e.value
+  )
   c2.resume_changed = True
-  assert set(workdir_lib.check_config(wd, c2)) == {"sft.lr", "rl.group_size"}
+  assert set(workdir_lib.check_config(wd, c2)) == {"rl.optimizer.lr", "rl.group_size"}
   assert "rl.group_size: 8 -> 4" in capsys.readouterr().err
   workdir_lib.write_config(wd, c2, keep_old=True)
   (old,) = [f for f in os.listdir(wd) if f.startswith("config.") and f != "config.json"]
-  assert json.load(open(os.path.join(wd, old)))["sft"]["lr"] == c.sft.lr  # the old config is kept, not overwritten
-  assert json.load(open(os.path.join(wd, "config.json")))["sft"]["lr"] == 1e-3
+  assert (
+      json.load(open(os.path.join(wd, old)))["rl"]["optimizer"]["lr"] == c.rl.optimizer.lr
+  )  # old kept, not overwritten
+  assert json.load(open(os.path.join(wd, "config.json")))["rl"]["optimizer"]["lr"] == 1e-3
 
 
 # ------------------------------------------------------------------------------------------ tiny runs (slow)

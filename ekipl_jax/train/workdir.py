@@ -35,6 +35,10 @@ LAUNCH_KEYS = (
     "mesh.process_id",
 )
 
+# Config sections a stage never reads: a resume (or a rerun that reuses a finished stage, as experiments/demo.py
+# reuses its SFT checkpoint) may differ there. The SFT stage reads no rl.* / aux.* key, the RL stage no sft.* key.
+STAGE_FREE_PREFIXES = {"sft": ("rl.", "aux."), "rl": ("sft.",)}
+
 
 class WorkdirBusy(RuntimeError):
   """Another live process holds the workdir's lock."""
@@ -103,13 +107,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_diff(old: dict, new: dict) -> dict[str, tuple]:
-  """{key: (old value, new value)} over the flattened configs, launch keys left out; '<absent>' for a missing key."""
+  """{key: (old value, new value)} over the flattened configs, launch keys left out, and, when both configs run the
+  same stage, the sections that stage never reads (STAGE_FREE_PREFIXES); '<absent>' for a missing key."""
   a, b = _flatten(old), _flatten(new)
   absent = "<absent>"
+  free = STAGE_FREE_PREFIXES.get(b.get("stage"), ()) if a.get("stage") == b.get("stage") else ()
   return {
       k: (a.get(k, absent), b.get(k, absent))
       for k in sorted(set(a) | set(b))
-      if k not in LAUNCH_KEYS and a.get(k, absent) != b.get(k, absent)
+      if k not in LAUNCH_KEYS and not k.startswith(free) and a.get(k, absent) != b.get(k, absent)
   }
 
 
