@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.teacher_blind = ""  # synthetic only: objects the SFT teacher misses, e.g. "small cylinder" ("" = none)
   c.data.teacher_miss_rate = 0.0  # synthetic only: probability the teacher misses each such object (train split)
   c.data.ood_min_objects = 0  # synthetic only: test_ood's fewest objects (0 = one more than the training scenes' 6)
+  c.data.ood_max_objects = 9  # synthetic only: test_ood's most objects
   c.data.question_kinds = ()  # synthetic only: question kinds drawn, from synthetic.QUESTION_KINDS (() = all four)
   c.data.min_pixels = 3136  # image processor lower bound (Qwen default 56*56)
   c.data.max_pixels = 480000  # image processor upper bound (Reason-RFT RL uses 480000)

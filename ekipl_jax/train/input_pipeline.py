@@ -26,8 +26,8 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
   if dcfg.builder == "synthetic_reasoning":
     blind, miss = str(dcfg.get("teacher_blind", "")), float(dcfg.get("teacher_miss_rate", 0.0))
     teacher = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
-    ood_min = int(dcfg.get("ood_min_objects", 0))
-    teacher += f"_ood{ood_min}" if ood_min else ""
+    ood_min, ood_max = int(dcfg.get("ood_min_objects", 0)), int(dcfg.get("ood_max_objects", 9))
+    teacher += f"_ood{ood_min}-{ood_max}" if (ood_min, ood_max) != (0, 9) else ""
     kinds = tuple(dcfg.get("question_kinds", ())) or synthetic.QUESTION_KINDS
     teacher += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
     scfg = builders.SyntheticConfig(
@@ -36,6 +36,7 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
         teacher_blind=blind,
         teacher_miss_rate=miss,
         ood_min_objects=ood_min,
+        ood_max_objects=ood_max,
         question_kinds=kinds,
         num_train=int(dcfg.num_train),
         num_test_id=int(dcfg.num_test),
