@@ -72,3 +72,29 @@ def test_oversized_config_does_not_fit(tmp_path):
   assert not r["fits"]
   assert ("oom" in r and r["oom"]["required"] > r["oom"]["available"]) or r["total_bytes"] > rep["hbm_bytes"]
   assert "DOES NOT FIT" in log
+
+
+def test_plan_keeps_earlier_programs_and_marks_them():
+  """make tpu-plan built up over runs: a program this run left out (--programs) keeps the earlier run's result, named
+  with that run's revision, and the verdict covers it (here the earlier program did not fit, so the config does not)."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import aot_plan  # pylint: disable=g-import-not-at-top
+  import aot_report  # pylint: disable=g-import-not-at-top
+
+  mem = dict(argument=GiB, output=0, alias=0, temp=GiB, code=0)
+  prog = lambda name, room: dict(name=name, mem=mem, resident={}, total_bytes=2 * GiB, headroom=room, fits=room >= 0.1)
+  base = dict(config="c", topology="v5e:2x4", spec="s", chips=8, mesh={"data": 1, "fsdp": 8}, hbm_bytes=16 * GiB)
+  old = dict(base, revision="abc1234", programs=[dict(prog("update_step", 0.05), compile_s=9.0, cached=False)])
+  unselected = dict(name="update_step", skipped="not selected (--programs)", unselected=True, fits=True)
+  new = dict(base, revision="def5678", programs=[unselected, dict(prog("prefill", 0.5), compile_s=3.0, cached=False)])
+  merged = aot_plan.merge_earlier(new, old)
+  assert [r["name"] for r in merged["programs"]] == ["update_step", "prefill"]
+  assert merged["programs"][0]["earlier_revision"] == "abc1234" and not merged["fits"]
+  text = aot_report.plan_markdown([merged], 1.0, 32, 0.1)
+  assert (
+      "| c | v5e:2x4 | 1x8 | update_step | 1.00 | 0.00 | 1.00 | 0.00 | 2.00 | 16.00 | 5% | 9 (earlier run, code at abc1234)"
+      in text
+  )
+  assert "| c | v5e:2x4 | 8 | **no** | update_step | 2.00 / 16.00 | 5% |" in text
