@@ -38,10 +38,12 @@ format: $(BIN)/python $(VENV)/.pyink
 demo: install
 	$(BIN)/python experiments/demo.py --out results
 
-# Every ablation axis on the demo task, from make demo's SFT checkpoint (trained if missing), 3 seeds; resumable.
-# Runs under results/ablations/, writes docs/ABLATIONS.md and docs/ablations_*.png.
+# Every ablation axis on the demo task, from make demo's SFT checkpoint (trained if missing), 3 seeds; make demo's own
+# finished GRPO / EKIPL runs are reused; resumable. Runs under results/ablations/, writes docs/ABLATIONS.md and
+# docs/ablations_*.png. `make ablations ABLATIONS_ARGS=--plan` lists the runs and a time estimate, trains nothing.
+ABLATIONS_ARGS ?=
 ablations: install
-	$(BIN)/python experiments/ablations.py --out results --doc docs/ABLATIONS.md
+	$(BIN)/python experiments/ablations.py --out results --doc docs/ABLATIONS.md $(ABLATIONS_ARGS)
 
 # The whole suite (slow tests included), two workers. tests/test_aot.py runs experiments/aot.py in .venv-tpu.
 test: install-test install-tpu

@@ -1,7 +1,7 @@
 """The paper's ablations in miniature: every ablation axis on the embedded demo task, from the demo's SFT checkpoint.
 
   python experiments/ablations.py [--out results] [--seeds 0,1,2] [--rl_steps N] [--sft_steps N]
-      [--axes selection,models,k,treatment,kl] [--doc docs/ABLATIONS.md] [--plan]
+      [--axes selection,models,k,treatment,kl] [--doc docs/ABLATIONS.md] [--plan] [--jobs 1] [--nocompile_cache]
 
 --out, --seeds, --rl_steps and --sft_steps are experiments/demo.py's flags with the same meaning: `--out results`
 is `make demo`'s folder, whose SFT checkpoint, data and finished GRPO / EKIPL runs the ablations reuse; their own
@@ -15,7 +15,10 @@ prompts and evaluation) with one knob changed (ablations_plan.py):
   kl         beta 0 | 0.04
 Identical runs across axes (the EKIPL baseline is on every axis) run once: a run is keyed by its whole config.
 --plan prints the runs, which of them are found finished or reused from the demo, and a time estimate from the
-runs already timed on this machine; it trains nothing.
+runs already timed on this machine; it trains nothing. --jobs N trains N runs at once, each in a process of its own
+(spawned; worth it where one run leaves cores idle). The runs share a persistent XLA compilation cache
+(OUT/ablations/jax_cache; --nocompile_cache turns it off): they compile the same programs, so all but the first load
+them from disk.
 
 Steps (ablations_runs.py):
 1. SFT: the demo's checkpoint in OUT/sft (trained if missing; its own in OUT/ablations/sft if OUT/sft is another
@@ -68,7 +71,7 @@ def ablation_base(base, out: str):
   return plan_lib.apply(base, {"aux.store": os.path.join(out, "ablations", "aux")})
 
 
-def print_plan(base, out: str, runs: dict, rows: dict, seeds: Sequence[int]) -> int:
+def print_plan(base, out: str, runs: dict, rows: dict, seeds: Sequence[int], jobs: int = 1) -> int:
   """The run list, what is finished or reused, and the estimate; returns the number of runs left to train."""
   sft_hf = os.path.join(runs_lib.sft_out(base, out), "sft", "hf")
   todo = 0
@@ -87,36 +90,59 @@ def print_plan(base, out: str, runs: dict, rows: dict, seeds: Sequence[int]) -> 
     print(f"{axis}: " + ", ".join(f"{label} -> {runs[k].name}" for label, k in r))
   walls, source = plan_lib.measured_run_seconds(out, runs, seeds)
   print(f"{len(runs)} distinct runs x {len(seeds)} seeds = {len(runs) * len(seeds)} runs")
-  print(plan_lib.estimate_line(todo, walls, source), flush=True)
+  print(plan_lib.estimate_line(todo, walls, source, jobs), flush=True)
   return todo
 
 
-def train_all(base, out: str, runs: dict, seeds: Sequence[int], sft_hf: str) -> tuple[dict, dict]:
-  """Every (run, seed), reusing the demo's and skipping finished ones; (key -> per-seed workdirs, counts)."""
+def train_all(
+    base, out: str, runs: dict, seeds: Sequence[int], sft_hf: str, jobs: int = 1, cache: str = ""
+) -> tuple[dict, dict]:
+  """Every (run, seed), reusing the demo's and skipping finished ones, the rest trained `jobs` at a time (each in a
+  process of its own when jobs > 1); (key -> per-seed workdirs in seed order, counts)."""
   todo = [(run, s) for run in runs.values() for s in seeds]
   print(f"[ablations] {len(runs)} distinct runs x {len(seeds)} seeds = {len(todo)} runs", flush=True)
-  walls, workdirs, counts, checked = [], {}, {"trained": 0, "skipped": 0, "reused": 0}, {}
-  for i, (run, seed) in enumerate(todo):
+  found, counts, checked, train = {}, {"trained": 0, "skipped": 0, "reused": 0}, {}, []
+  for run, seed in todo:
     reused = runs_lib.demo_run(base, run, seed, sft_hf, out, checked)
     if reused:
-      workdirs.setdefault(run.key, []).append(reused)
+      found[(run.key, seed)] = reused
       counts["reused"] += 1
-      print(f"[ablations] {i + 1}/{len(todo)} {run.name} seed {seed}: the demo's {reused}", flush=True)
-      continue
-    workdir, wall = runs_lib.run_one(base, run, seed, sft_hf, out)
-    workdirs.setdefault(run.key, []).append(workdir)
-    if wall is None:
+      print(f"[ablations] {run.name} seed {seed}: the demo's {reused}", flush=True)
+    elif os.path.exists(_done(out, run, seed)):
+      found[(run.key, seed)] = os.path.dirname(_done(out, run, seed))
       counts["skipped"] += 1
-      print(f"[ablations] {i + 1}/{len(todo)} {run.name} seed {seed}: finished before, skipped", flush=True)
-      continue
+      print(f"[ablations] {run.name} seed {seed}: finished before, skipped", flush=True)
+    else:
+      train.append((run, seed))
+  print(f"[ablations] {len(train)} runs to train, {jobs} at a time", flush=True)
+  walls = []
+
+  def finished(run, seed, workdir, wall):
+    found[(run.key, seed)] = workdir
     walls.append(wall)
     counts["trained"] += 1
-    left = sum(1 for r, s in todo[i + 1 :] if not os.path.exists(_done(out, r, s)))  # an upper bound (reuse aside)
+    left = len(train) - len(walls)
+    eta = left * sum(walls) / len(walls) / jobs / 60
     print(
-        f"[ablations] {i + 1}/{len(todo)} {run.name} seed {seed}: {wall:.0f}s "
-        f"(ETA {left * sum(walls) / len(walls) / 60:.1f} min for {left} more)",
+        f"[ablations] trained {len(walls)}/{len(train)}: {run.name} seed {seed} in {wall:.0f}s "
+        f"(ETA {eta:.1f} min for {left} more)",
         flush=True,
     )
+
+  if jobs == 1:
+    runs_lib.use_compile_cache(cache)
+    for run, seed in train:
+      finished(run, seed, *runs_lib.run_one(base, run, seed, sft_hf, out))
+  elif train:
+    import concurrent.futures  # pylint: disable=g-import-not-at-top
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+
+    spawn = multiprocessing.get_context("spawn")  # a fresh process: JAX does not survive fork
+    with concurrent.futures.ProcessPoolExecutor(jobs, spawn, runs_lib.use_compile_cache, (cache,)) as pool:
+      futures = {pool.submit(runs_lib.run_one, base, run, seed, sft_hf, out): (run, seed) for run, seed in train}
+      for fut in concurrent.futures.as_completed(futures):
+        finished(*futures[fut], *fut.result())
+  workdirs = {run.key: [found[(run.key, s)] for s in seeds] for run in runs.values()}
   return workdirs, counts
 
 
@@ -148,9 +174,12 @@ def run_all(
     only_labels: Sequence[str] = (),
     partial: str = "",
     command: str = "",
+    jobs: int = 1,
+    compile_cache: bool = False,
 ) -> dict:
   """Runs the plan from the demo's SFT checkpoint (resuming), writes `doc`, its PNGs and OUT/ablations/ablations.json;
-  returns the JSON's content. base: the demo's config (experiments/demo.py base_config(out))."""
+  returns the JSON's content. base: the demo's config (experiments/demo.py base_config(out)); jobs: runs trained at
+  once; compile_cache: a persistent XLA cache in OUT/ablations/jax_cache shared by the runs."""
   import json  # pylint: disable=g-import-not-at-top
 
   t_start = time.time()
@@ -166,7 +195,8 @@ def run_all(
   sft_hf = runs_lib.sft_stage(base, out)
   ks = [base.rl.num_external_per_model] + [r.overrides.get("rl.num_external_per_model", 0) for r in runs.values()]
   runs_lib.write_store(base, base.aux.store, max(ks), sft_hf)
-  workdirs, counts = train_all(base, out, runs, seeds, sft_hf)
+  cache = os.path.join(abl, "jax_cache") if compile_cache else ""
+  workdirs, counts = train_all(base, out, runs, seeds, sft_hf, jobs, cache)
 
   grpo_final = None
   if keys["GRPO"] in workdirs:
@@ -184,6 +214,7 @@ def run_all(
       "unique": len(runs),
       "baseline": keys["EKIPL"],
       "partial": partial,
+      "jobs": jobs,
   }
   report_lib.write_doc(doc, base, rows, runs, results, meta)
   summary = report_lib.summary_json(meta, rows, runs, results)
@@ -205,7 +236,7 @@ def main(argv):
   only_axes = tuple(a for a in f.axes.split(",") if a)
   if f.plan:
     base = ablation_base(base, out)
-    print_plan(base, out, *plan_lib.plan(base, select_axes(base, only_axes, ())), seeds)
+    print_plan(base, out, *plan_lib.plan(base, select_axes(base, only_axes, ())), seeds, f.jobs)
     return
   partial = [f"{n} {f[n].value}" for n in ("rl_steps", "sft_steps") if f[n].value > 0]
   if seeds != SEEDS:
@@ -220,6 +251,8 @@ def main(argv):
       only_axes=only_axes,
       partial="; ".join(partial),
       command=" ".join(["python experiments/ablations.py"] + sys.argv[1:]),
+      jobs=f.jobs,
+      compile_cache=f.compile_cache,
   )
 
 
@@ -231,6 +264,8 @@ def define_flags():
   flags.DEFINE_string("doc", "docs/ABLATIONS.md", "the report (its PNGs go beside it)")
   flags.DEFINE_string("axes", "", "comma-separated axes to run (empty: all)")
   flags.DEFINE_bool("plan", False, "print the runs, what is finished or reused, and a time estimate; train nothing")
+  flags.DEFINE_integer("jobs", 1, "runs trained at once, each in a process of its own")
+  flags.DEFINE_bool("compile_cache", True, "a persistent XLA compilation cache in OUT/ablations/jax_cache for the runs")
 
 
 if __name__ == "__main__":

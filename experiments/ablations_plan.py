@@ -188,13 +188,15 @@ def measured_run_seconds(out: str, runs: dict[str, Run], seeds) -> tuple[list[fl
   return walls, f"the demo's finished RL runs in {rl_dir} (file times)"
 
 
-def estimate_line(n_todo: int, walls: list[float], source: str) -> str:
-  """One line: the runs left and, from measured runs, the wall time they need in sequence."""
+def estimate_line(n_todo: int, walls: list[float], source: str, jobs: int = 1) -> str:
+  """One line: the runs left and, from measured runs, the wall time they need in sequence (and with `jobs` processes
+  at best, when the cores keep up)."""
   if not walls:
     return f"{n_todo} runs to train; no finished RL run to time them by (run `make demo` first for an estimate)"
   per = sum(walls) / len(walls)
+  par = f"; with --jobs {jobs} at best {n_todo * per / 60 / jobs:.0f} min (if the cores keep up)" if jobs > 1 else ""
   return (
       f"{n_todo} runs to train x {per / 60:.1f} min (mean of {len(walls)} runs: {source}) = about "
-      f"{n_todo * per / 60:.0f} min; variants with more rows per step (all, K=4) or a reference pass (beta > 0) "
-      "take longer than the mean"
+      f"{n_todo * per / 60:.0f} min in sequence{par}; variants with more rows per step (all, K=4) or a reference pass "
+      "(beta > 0) take longer than the mean, runs after the first compile less (the shared compilation cache)"
   )

@@ -186,7 +186,7 @@ def header(base, meta: dict, n_eval: dict[str, int]) -> list[str]:
   return lines + [
       f"- command: `{meta['command']}`, {meta['date']}; total wall time {meta['wall_min']:.1f} min "
       f"({meta['trained']} runs trained in this invocation, {meta['skipped']} found finished, {meta['reused']} "
-      "reused from `make demo`'s own GRPO / EKIPL runs)",
+      f"reused from `make demo`'s own GRPO / EKIPL runs; {meta.get('jobs', 1)} trained at a time)",
       f"- machine: {meta['machine']}",
       f"- every run: the demo's RL stage (configs/demo.py) from one SFT checkpoint ({meta['sft_hf']}): "
       f"{r.steps} RL steps x {r.batch_prompts} prompts, G = {r.group_size}, N = {r.num_policy_samples}, "

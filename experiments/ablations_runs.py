@@ -147,5 +147,17 @@ def run_one(base, run: plan_lib.Run, seed: int, sft_hf: str, out: str) -> tuple[
   return workdir, wall
 
 
+def use_compile_cache(path: str) -> None:
+  """A persistent XLA compilation cache in `path` for this process: the runs compile the same sampler / evaluation /
+  update programs (same shapes), so all but the first load them from disk. The executables are the same programs,
+  so the numbers do not change. Also the initializer of each --jobs worker process."""
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
 def jsonable(d: dict) -> dict:
   return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}

@@ -118,6 +118,7 @@ def test_references_added_and_estimate(tmp_path):
   walls, _ = plan.measured_run_seconds(str(tmp_path), runs, (0, 1))
   assert walls == [60.0, 180.0]
   assert plan.estimate_line(10, walls, "x").startswith("10 runs to train x 2.0 min (mean of 2 runs: x) = about 20 min")
+  assert "in sequence; with --jobs 2 at best 10 min" in plan.estimate_line(10, walls, "x", jobs=2)
 
 
 # ------------------------------------------------------------------------------------------------ the table's math
@@ -235,7 +236,8 @@ def test_table_claims_and_checks_from_the_numbers(tmp_path):
   assert "**other ends above EKIPL**" in rep.claims(["test_id"], labels, rows, ref=1)[1]
   assert "against EKIPL, other above on test_id" in rep.shows(["test_id"], labels, rows, ref=1)
   assert rep.speed(["test_id"], labels, rows, 40)[0].startswith(
-      "- test_id: reaching GRPO's final mean accuracy: GRPO at step 20 (50%); EKIPL at step 10 (25%); never within 40 steps: other"
+      "- test_id: reaching GRPO's final mean accuracy: GRPO at step 20 (50%); EKIPL at step 10 (25%); "
+      "never within 40 steps: other"
   )
   # The switches against the method: the external share each selection rule allows (G = N = 3, M = 2, K = 1).
   base = _config(str(tmp_path))
@@ -291,8 +293,10 @@ def test_two_runs_two_steps_end_to_end(tmp_path):
   out, doc = str(tmp_path), str(tmp_path / "docs" / "ABLATIONS.md")
   labels = ("GRPO (no external)", "EKIPL top-G")
   kw = dict(out=out, doc=doc, seeds=(0,), only_axes=("selection",), partial="test")
-  summary = abl.run_all(base, only_labels=labels, **kw)
+  # Both runs at once, each in a spawned process of its own, sharing a persistent compilation cache.
+  summary = abl.run_all(base, only_labels=labels, jobs=2, compile_cache=True, **kw)
   assert summary["meta"]["trained"] == 2 and summary["meta"]["reused"] == 0
+  assert os.listdir(os.path.join(out, "ablations", "jax_cache"))
 
   assert os.path.getsize(str(tmp_path / "docs" / "ablations_selection.png")) > 10_000
   text = open(doc).read()
