@@ -179,3 +179,56 @@ def test_completion_tokens_and_sft_layout(folder):
     assert proc.tokenizer.decode(target) == P.sft_target(ex["cot"], ex["answer"]) + "<|im_end|>"
     assert (batch["loss_mask"][b, :p_len] == 0).all() and batch["loss_mask"][b, p_len] == 1
     assert ((batch["attention_mask"][b] == 0) <= (batch["loss_mask"][b] == 0)).all()
+
+
+def _per_example_reference(proc, examples, templates=None):
+  """The batch encoding as processor.py did it before it batched its calls: per example, the chat template rendered
+  alone, one image-processor call on that example's images, one tokenizer.encode of the expanded prompt."""
+  ids, pixels, grids = [], [], []
+  for ex in examples:
+    text = proc.tokenizer.apply_chat_template(
+        P.messages(len(ex["images"]), P.format_question(ex["problem"], ex["task"], ex.get("answer"), templates)),
+        chat_template=proc.chat_template,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    if ex["images"]:
+      out = proc.image_processor(images=[np.asarray(im) for im in ex["images"]], return_tensors="np")
+      px, grid = np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+    else:
+      px, grid = np.zeros((0, 1176), np.float32), np.zeros((0, 3), np.int64)
+    ids.append(proc.tokenizer.encode(P.expand_image_tokens(proc, text, grid), add_special_tokens=False))
+    pixels.append(px)
+    grids.append(grid)
+  return ids, np.concatenate(pixels), np.concatenate(grids)
+
+
+@pytest.mark.parametrize("max_pixels", [112 * 112, 224 * 224])
+def test_batched_encoding_equals_per_example_calls(folder, max_pixels):
+  """Same token ids and the same pixels to the bit as per-example calls of the tokenizer and the HF image processor:
+  kept-size images (numpy and PIL, the processor's own steps without its call), images it resizes (84x140, 200x150,
+  and 112x112 when max_pixels is 56x56), an example with two images and one with none."""
+  proc = P.load(folder[0], min_pixels=56 * 56, max_pixels=max_pixels)
+  examples = _examples(6, sizes=((112, 112), (84, 140), (200, 150), (112, 112)))
+  examples[1]["images"] = [np.asarray(im) for im in examples[1]["images"]]  # numpy arrays, as TFDS gives them
+  examples[4]["images"] = []
+  examples[5]["images"] = [np.asarray(examples[5]["images"][0].resize((56, 56)))]
+  images = [im for ex in examples for im in ex["images"]]
+  kept = [P._kept_size(proc.image_processor, im, np.asarray(im)) for im in images]
+  assert 0 < sum(kept) < len(images)  # both paths of encode_images are taken
+  want_ids, want_px, want_grid = _per_example_reference(proc, examples)
+  ids, px, grid = P.encode_prompts(proc, examples)
+  assert ids == want_ids
+  np.testing.assert_array_equal(grid, want_grid)
+  assert px.dtype == want_px.dtype == np.float32
+  np.testing.assert_array_equal(px, want_px)
+  small = P.load(folder[0], min_pixels=56 * 56, max_pixels=56 * 56)  # every 112 px image is resized here
+  assert P.encode_prompts(small, examples)[0] == _per_example_reference(small, examples)[0]
+  np.testing.assert_array_equal(P.encode_prompts(small, examples)[1], _per_example_reference(small, examples)[1])
+  # SFT targets: one batch call equals encode_completion(..., add_eos=True) per example.
+  batch = P.sft_batch(proc, examples, [256, 512], [256])
+  p_len = int(batch["prompt_length"])
+  for b, ex in enumerate(examples):
+    want = P.encode_completion(proc, P.sft_target(ex["cot"], ex["answer"]), add_eos=True)
+    assert batch["input_ids"][b, p_len : p_len + len(want)].tolist() == want
+    assert batch["loss_mask"][b, p_len:].sum() == len(want)

@@ -2,7 +2,8 @@
 
   prompt:      chat template (user turn: images first, then the task template around the problem; no system message
                is passed, the Qwen template adds its default one) + add_generation_prompt
-  images:      the checkpoint's image processor (Qwen2VLImageProcessor, PIL backend; min/max pixels from config)
+  images:      the checkpoint's image processor (Qwen2VLImageProcessor, PIL backend; min/max pixels from config);
+               an image it keeps at its size skips its per-call machinery (encode_images: same pixels to the bit)
   expansion:   each <|image_pad|> becomes grid_thw.prod() / merge_size**2 copies (as Qwen2VLProcessor does)
   batches:     prompts left padded to the smallest bucket >= the longest prompt; completions right padded
 
@@ -16,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 from transformers import AutoImageProcessor, AutoTokenizer
+from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen2_vl_pil
 
 # Reason-RFT user prompts (docs/METHOD.md sect. 5.2). `{Question}` is replaced by the record's problem.
 PROMPT_TEMPLATES: dict[str, str] = {
@@ -101,18 +103,70 @@ def prompt_string(
     answer: str | None = None,
     templates: dict[str, str] | None = None,
 ) -> str:
-  text = format_question(problem, task, answer, templates)
+  return prompt_strings(proc, [(problem, task, num_images, answer)], templates)[0]
+
+
+def prompt_strings(
+    proc: Processor, items: Sequence[tuple[str, str, int, str | None]], templates: dict[str, str] | None = None
+) -> list[str]:
+  """prompt_string of each (problem, task, num_images, answer), the chat template rendered in one call."""
+  convs = [messages(n, format_question(problem, task, answer, templates)) for problem, task, n, answer in items]
+  if not convs:
+    return []
   return proc.tokenizer.apply_chat_template(
-      messages(num_images, text), chat_template=proc.chat_template, tokenize=False, add_generation_prompt=True
+      convs, chat_template=proc.chat_template, tokenize=False, add_generation_prompt=True
   )
 
 
 def encode_images(proc: Processor, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
-  """-> pixel_values_NxF float32, image_grid_thw_Ix3 int64 (images in order, patches concatenated)."""
+  """-> pixel_values_NxF float32, image_grid_thw_Ix3 int64 (images in order, patches concatenated).
+
+  An image the processor would keep at its size (`_kept_size`: uint8 RGB whose sides are already what its
+  smart_resize picks) goes through the processor's own rescale / normalize / patchify methods without its per-call
+  machinery (format checks, RGB conversion and a same-size PIL resize: a copy); the others through the processor
+  in one call. The pixels are those of the processor called on each image (tests/test_data_processor.py)."""
   if not images:
     return np.zeros((0, 3 * 2 * 14 * 14), np.float32), np.zeros((0, 3), np.int64)
-  out = proc.image_processor(images=[np.asarray(im) for im in images], return_tensors="np")
-  return np.asarray(out["pixel_values"], np.float32), np.asarray(out["image_grid_thw"], np.int64)
+  ip = proc.image_processor
+  arrays = [np.asarray(im) for im in images]
+  kept = [_kept_size(ip, im, a) for im, a in zip(images, arrays)]
+  out = [None] * len(arrays)
+  rest = [i for i, k in enumerate(kept) if not k]
+  if rest:
+    hf = ip(images=[arrays[i] for i in rest], return_tensors="np")
+    grids = np.asarray(hf["image_grid_thw"], np.int64)
+    starts = np.concatenate([[0], np.cumsum(grids.prod(-1))])
+    for j, i in enumerate(rest):
+      out[i] = (np.asarray(hf["pixel_values"][starts[j] : starts[j + 1]], np.float32), grids[j])
+  for i, k in enumerate(kept):
+    if k:
+      out[i] = _patches(ip, arrays[i])
+  return np.concatenate([px for px, _ in out]), np.stack([g for _, g in out]).astype(np.int64)
+
+
+def _kept_size(ip, image, array: np.ndarray) -> bool:
+  """Whether the PIL-backend Qwen2-VL processor leaves `image` at its size and RGB (then `_patches` equals it)."""
+  if type(ip) is not hf_qwen2_vl_pil.Qwen2VLImageProcessorPil or not (
+      ip.do_resize and ip.do_rescale and ip.do_normalize
+  ):
+    return False
+  if getattr(image, "mode", "RGB") != "RGB" or array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+    return False
+  h, w = array.shape[:2]
+  factor = ip.patch_size * ip.merge_size
+  size = hf_qwen2_vl_pil.smart_resize(
+      h, w, factor=factor, min_pixels=ip.size.shortest_edge, max_pixels=ip.size.longest_edge
+  )
+  return tuple(size) == (h, w)
+
+
+def _patches(ip, image_HWC: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """One kept-size image through the processor's own steps (channels first, as it runs them)."""
+  x = ip.normalize(ip.rescale(np.moveaxis(image_HWC, -1, 0), ip.rescale_factor), ip.image_mean, ip.image_std)
+  px, gh, gw = ip.patchify(
+      x, patch_size=ip.patch_size, merge_size=ip.merge_size, temporal_patch_size=ip.temporal_patch_size
+  )
+  return np.asarray(px, np.float32), np.array([1, gh, gw], np.int64)
 
 
 def expand_image_tokens(proc: Processor, text: str, image_grid_thw_Ix3: np.ndarray) -> str:
@@ -127,6 +181,13 @@ def expand_image_tokens(proc: Processor, text: str, image_grid_thw_Ix3: np.ndarr
 
 def encode_text(proc: Processor, text: str) -> list[int]:
   return proc.tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_texts(proc: Processor, texts: Sequence[str]) -> list[list[int]]:
+  """encode_text of each text, in one call of the fast tokenizer (its batch encoding)."""
+  if not texts:
+    return []
+  return [list(ids) for ids in proc.tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 def encode_completion(proc: Processor, text: str, add_eos: bool = False) -> list[int]:
@@ -180,15 +241,16 @@ def encode_prompts(
 ) -> tuple[list[list[int]], np.ndarray, np.ndarray]:
   """examples: dicts with images (list of HxWx3 arrays or PIL images), problem, task, answer (optional).
   -> unpadded prompt ids per row, pixel_values_NxF, image_grid_thw_Ix3."""
-  ids, pixels, grids = [], [], []
-  for ex in examples:
-    images = list(ex["images"])
-    text = prompt_string(proc, _str(ex["problem"]), _str(ex["task"]), len(images), _str(ex.get("answer")), templates)
-    pixel_values_NxF, grid_Ix3 = encode_images(proc, images)
-    ids.append(encode_text(proc, expand_image_tokens(proc, text, grid_Ix3)))
-    pixels.append(pixel_values_NxF)
-    grids.append(grid_Ix3)
-  return ids, np.concatenate(pixels), np.concatenate(grids)
+  images = [list(ex["images"]) for ex in examples]
+  texts = prompt_strings(
+      proc,
+      [(_str(ex["problem"]), _str(ex["task"]), len(im), _str(ex.get("answer"))) for ex, im in zip(examples, images)],
+      templates,
+  )
+  pixel_values_NxF, grid_Ix3 = encode_images(proc, [im for row in images for im in row])
+  first = np.concatenate([[0], np.cumsum([len(im) for im in images])])
+  expanded = [expand_image_tokens(proc, t, grid_Ix3[first[b] : first[b + 1]]) for b, t in enumerate(texts)]
+  return encode_texts(proc, expanded), pixel_values_NxF, grid_Ix3
 
 
 def prompt_batch(
@@ -220,9 +282,8 @@ def sft_batch(
   padded to C). Adds loss_mask [B, T] (1 on completion tokens, eos included) and prompt_length = P; the layout is
   the RL one, so log-probs of the targets start at T - C = P."""
   batch = prompt_batch(proc, examples, prompt_buckets, templates)
-  completions = [
-      encode_completion(proc, sft_target(_str(ex["cot"]), _str(ex["answer"])), add_eos=True) for ex in examples
-  ]
+  targets = encode_texts(proc, [sft_target(_str(ex["cot"]), _str(ex["answer"])) for ex in examples])
+  completions = [ids + [proc.eos_token_id] for ids in targets]  # encode_completion(..., add_eos=True) of each
   c_len = bucket_for(examples, completions, completion_buckets, "SFT target", "sft.max_completion")
   comp_BC, comp_mask_BC = pad(completions, c_len, proc.pad_token_id, "right")
   input_ids_BT = np.concatenate([batch["input_ids"], comp_BC], 1)
