@@ -17,6 +17,7 @@ setuptools.setup(
         "ml-collections>=1.1.0",
         "transformers>=5.0",
         "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",  # the training input pipeline (train/input_pipeline.py): batches prepared ahead of the step
         "tensorflow-cpu>=2.21; platform_machine == 'x86_64'",
         "importlib_resources",
         "math-verify>=0.9.0",

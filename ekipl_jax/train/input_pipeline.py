@@ -1,16 +1,22 @@
-"""Data for the trainer: TFDS data sources (random access), a deterministic resumable order, and the row layout.
+"""Data for the trainer: TFDS data sources (random access) and the training input pipeline on grain.
 
-The order of training examples is a function of (seed, epoch) alone, and step s reads positions
-[s * batch, (s + 1) * batch) of that endless order, so a run resumed at step s reads exactly what it would have read.
-Every process reads the same global batch (the update step keeps each device's slice).
+The order of training examples is a function of (seed, epoch) alone: epoch e is the permutation
+np.random.default_rng([seed, e]).permutation(n), and step s reads positions [s * batch, (s + 1) * batch) of that
+endless order. `step_dataset` writes this as a grain MapDataset whose element s is step s's examples and their
+prepared batch (read from TFDS, tokenized, images processed, rows packed), and `StepBatches` iterates it with grain's
+prefetch: all of that runs in a background thread, `prefetch` steps ahead of the step that uses it. The iterator's
+state (the next step) is saved in the checkpoint's `meta` item (train/loop.py), so a run resumed at step s reads
+exactly what it would have read. Every process reads the same global batch (the update step keeps each device's
+slice).
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
+import grain
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -64,15 +70,57 @@ def order(n: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def indices_for_step(n: int, seed: int, step: int, batch: int, limit: int = 0) -> list[int]:
-  """The examples of step `step`: positions step*batch .. step*batch + batch - 1 of the endless shuffled order
-  (over the first `limit` examples when limit > 0)."""
-  n_eff = min(n, limit) if limit > 0 else n
-  out = []
-  for pos in range(step * batch, (step + 1) * batch):
-    epoch, i = divmod(pos, n_eff)
-    out.append(int(order(n_eff, seed, epoch)[i]))
-  return out
+def index_at(position: int, n: int, seed: int) -> int:
+  """The example at `position` of the endless order over n examples (epoch position // n, its own permutation)."""
+  epoch, i = divmod(int(position), n)
+  return int(order(n, seed, epoch)[i])
+
+
+def step_dataset(
+    src, seed: int, batch: int, steps: int, limit: int = 0, prepare: Callable[[list[dict]], Any] | None = None
+) -> grain.MapDataset:
+  """grain MapDataset whose element s is (examples of step s, prepare(examples) or None): positions
+  s * batch .. (s + 1) * batch - 1 of the endless shuffled order over the first `limit` examples (all when 0)."""
+  n = min(len(src), limit) if limit > 0 else len(src)
+  ds = grain.MapDataset.range(steps * batch).map(functools.partial(index_at, n=n, seed=seed))
+  ds = ds.batch(batch, batch_fn=list).map(functools.partial(read, src))
+  return ds.map(functools.partial(_with_prepared, prepare))
+
+
+def _with_prepared(prepare, examples: list[dict]) -> tuple[list[dict], Any]:
+  return examples, (prepare(examples) if prepare is not None else None)
+
+
+class StepBatches:
+  """The training input iterator over a `step_dataset`: grain prefetches `prefetch` steps ahead in `threads`
+  background threads (TFDS reads, tokenization, image processing and row packing happen there, while the step
+  runs). get_state() / restore() are what the checkpoint's meta keeps: {"next_index": the next step}."""
+
+  def __init__(self, ds: grain.MapDataset, prefetch: int = 2, threads: int = 1):
+    self._iter_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch))
+    self._it = None  # started by restore() or the first batch_for(), at the step the run starts from
+
+  def _iter(self):
+    if self._it is None:
+      self._it = iter(self._iter_ds)
+    return self._it
+
+  def get_state(self) -> dict:
+    return dict(self._iter().get_state())
+
+  def restore(self, state: dict | None, step: int) -> None:
+    """Continues from a checkpoint's saved state (None: a checkpoint without one, or a fresh run) at `step`."""
+    state = dict(state) if state else {"next_index": step}
+    if state.get("next_index") != step:
+      raise ValueError(f"the checkpoint's data iterator state {state} does not continue at its step {step}")
+    self._iter().set_state(state)
+
+  def batch_for(self, step: int):
+    """(examples, prepared batch) of `step`; steps are read in order (the iterator holds the position)."""
+    at = self._iter().get_state().get("next_index")
+    if at != step:
+      raise RuntimeError(f"the data iterator is at step {at}, asked for step {step} (steps are read in order)")
+    return next(self._it)
 
 
 def read(src, indices: Sequence[int]) -> list[dict]:

@@ -1,8 +1,9 @@
 """The part every stage shares: resume from the latest checkpoint, step, log, evaluate, checkpoint, fail on purpose.
 
 A stage supplies `step_fn(state, step) -> (state, metrics)` and `eval_fn(state, step) -> metrics`. Everything random
-inside them derives from (seed, step), and the data position is the step, so the checkpointed state and step are
-the whole run: a killed run restarted with the same command continues exactly where the checkpoint left it.
+inside them derives from (seed, step), and the stage's data iterator (`data`, train/input_pipeline.py) is at the
+step, so the checkpointed state, step and iterator state are the whole run: a killed run restarted with the same
+command continues exactly where the checkpoint left it.
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ def run_loop(
     eval_fn: Callable | None,
     eval_every: int,
     text_fn: Callable[[], dict[str, str]] | None = None,
+    data=None,
 ) -> tuple[object, list[dict]]:
   """Runs steps [restored step, total_steps); returns the final state and this stage's metric lines.
-  text_fn: Markdown texts (e.g. one group's completions) logged at each evaluation step."""
+  text_fn: Markdown texts (e.g. one group's completions) logged at each evaluation step.
+  data: the stage's input iterator (input_pipeline.StepBatches); its state is saved in every checkpoint's meta."""
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep
   )
@@ -64,6 +67,8 @@ def run_loop(
   if restored is not None:
     state, meta = restored
     start, skips = int(meta["step"]), int(meta.get("consecutive_skips", 0))
+    if data is not None:
+      data.restore(meta.get("data"), start)
     writer.truncate_after(start)
     print(f"[{name}] resumed from {workdir}/checkpoints at step {start}")
   else:
@@ -116,7 +121,8 @@ def run_loop(
               if k in ("loss", "reward/mean", "reward/accuracy", "time/tokens_per_s")
           }
       )
-      ckpt.save(done, state, {"step": done, "consecutive_skips": skips}, force=done == total_steps)
+      meta = {"step": done, "consecutive_skips": skips, **({"data": data.get_state()} if data is not None else {})}
+      ckpt.save(done, state, meta, force=done == total_steps)
   finally:  # a failing step still leaves the last checkpoint complete on disk
     ckpt.close()
     writer.close()

@@ -32,7 +32,6 @@ from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import selection, update
 from ekipl_jax.sampling import groups as groups_lib
 from ekipl_jax.train import batching
-from ekipl_jax.train import input_pipeline as data_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,7 +257,7 @@ class RLContext:
   cfg: Any
   model: Any
   proc: Any
-  train_src: Any  # the training split (train/input_pipeline.py source)
+  train_batches: Any  # input_pipeline.StepBatches: (examples, processor.prompt_batch) of each step, prefetched
   store: Any  # AuxStore or None (plain GRPO)
   mesh: Any
   train_step: Any  # build_step(...): the update step for a prompt length
@@ -303,11 +302,7 @@ def run_step(
 def rl_step(ctx: RLContext, state: update.TrainState, step: int) -> tuple[update.TrainState, dict, str]:
   """The trainer's step: step's prompts from the input pipeline, then run_step (returns its triple)."""
   cfg = ctx.cfg
-  idx = data_lib.indices_for_step(len(ctx.train_src), cfg.seed, step, cfg.rl.batch_prompts)
-  examples = data_lib.read(ctx.train_src, idx)
-  pb = processor_lib.prompt_batch(
-      ctx.proc, examples, cfg.data.prompt_buckets, cfg.data.prompt_templates.to_dict() or None
-  )
+  examples, pb = ctx.train_batches.batch_for(step)  # read, tokenized and image-processed ahead (grain)
   prompts = Prompts.from_batch(pb, examples)
   P = prompts.ids_BP.shape[1]
   ref_fn = _ref_fn(ctx.model, P, cfg.model.logprob_chunk, logprob_temperature(cfg.rl))

@@ -1,9 +1,10 @@
 """Orbax checkpoints of the whole run: the train state (params, optimizer state, step and skip counters) and a JSON
-`meta` item (the step, and the count of consecutive skipped updates).
+`meta` item (the step, the count of consecutive skipped updates, and the data iterator's state:
+train/input_pipeline.py).
 
 Exact resume: no RNG state is saved, because none is needed: everything random in a run is derived from
-(seed, step) and the data order from (seed, step), so restoring the state and the step written here continues a
-killed run bit for bit.
+(seed, step) and the data order from (seed, step), so restoring the state, the step and the data iterator written
+here continues a killed run bit for bit.
 
 A checkpoint is written to a temporary folder and renamed when complete (orbax), so a run killed mid-save leaves
 the previous checkpoints intact; the temporary folder is removed when the next run opens the folder. A checkpoint

@@ -8,6 +8,8 @@ eval: evaluate model.init_from on data.eval_splits
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 from typing import Callable, TypeVar
@@ -150,14 +152,16 @@ def run_sft(cfg, model, params, proc, builder, mesh):
       model, optimizer, cfg.model.logprob_chunk, micro_batches=cfg.sft.micro_batches, state_sharding=shardings
   )
   state = init_state(params, optimizer, shardings)
+  # Batches are read and prepared ahead of the step in grain's prefetch thread (with its own copy of the processor).
+  prepare = functools.partial(sft.make_batch, model, copy.deepcopy(proc), cfg=cfg)
+  data = data_lib.StepBatches(data_lib.step_dataset(src, cfg.seed, cfg.sft.batch_size, steps, limit=n, prepare=prepare))
 
   def step_fn(state, i):
-    examples = data_lib.read(src, data_lib.indices_for_step(len(src), cfg.seed, i, cfg.sft.batch_size, limit=n))
-    batch, P = sft.make_batch(model, proc, examples, cfg)
+    _, (batch, P) = data.batch_for(i)
     return step(state, train_state.shard_batch(batch, mesh), P)
 
   eval_fn = make_eval_fn(cfg, model, proc, builder, cfg.workdir) if cfg.data.eval_splits else None
-  state, lines = loop.run_loop("sft", cfg, cfg.workdir, state, steps, step_fn, eval_fn, cfg.eval.every)
+  state, lines = loop.run_loop("sft", cfg, cfg.workdir, state, steps, step_fn, eval_fn, cfg.eval.every, data=data)
   return state.params, lines
 
 
@@ -173,11 +177,22 @@ def run_rl(cfg, model, params, proc, builder, mesh):
     aux_store.check_coverage(store, train_ids, cfg.aux.sources, cfg.aux.min_coverage, log=log)
   optimizer = update.make_optimizer(cfg.rl.optimizer)
   shardings = state_sharding(params, optimizer, mesh)
+  # Prompts are read, tokenized and their images processed ahead of the step in grain's prefetch thread (with its
+  # own copy of the processor: the evaluation uses `proc` meanwhile).
+  prepare = functools.partial(
+      processor_lib.prompt_batch,
+      copy.deepcopy(proc),
+      buckets=cfg.data.prompt_buckets,
+      templates=cfg.data.prompt_templates.to_dict() or None,
+  )
+  train_batches = data_lib.StepBatches(
+      data_lib.step_dataset(src, cfg.seed, cfg.rl.batch_prompts, cfg.rl.steps, prepare=prepare)
+  )
   ctx = rl_stages.RLContext(
       cfg=cfg,
       model=model,
       proc=proc,
-      train_src=src,
+      train_batches=train_batches,
       store=store,
       mesh=mesh,
       train_step=rl_stages.build_step(model, cfg, optimizer, shardings),
@@ -205,6 +220,7 @@ def run_rl(cfg, model, params, proc, builder, mesh):
       eval_fn,
       cfg.eval.every,
       text_fn=lambda: dict(last_group),
+      data=train_batches,
   )
   return state.params, lines
 
