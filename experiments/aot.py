@@ -11,17 +11,18 @@ when model.init_from is not on disk, ekipl_jax/models/known_configs.py found by 
 or init_from; or the config's from-scratch model.arch), and every program is lowered with the trainer's own functions
 and shardings, then compiled by XLA for the TPU:
 
-  sft   the SFT step (train/sft.py make_sft_step) on sft.batch_size rows of prompt + sft.max_completion tokens
+  sft   the SFT step (train/sft.py make_sft_step, sft.micro_batches) on sft.batch_size rows of prompt +
+        sft.max_completion tokens
   rl    sampler prefill and decode loop (sampling/sampler.py), reference log-probs (train/rl_stages.py, when
-        rl.beta != 0)
-        and the update step (rl/update.py via train/rl_stages.py build_step) on rl.batch_prompts x rl.group_size rows.
+        rl.beta != 0) and the update step (rl/update.py via train/rl_stages.py build_step) on rl.batch_prompts x
+        rl.group_size rows.
         Old log-probs are no separate program: with rl.mu == 1 pi_old is pi_theta, with mu > 1 the update step
         computes them itself. The pool's external rows (M x K per prompt) live on the host; G per prompt are kept.
 
 Shapes: every prompt carries images_per_prompt images of the largest size the config's image processor makes
 (max over aspect ratios of transformers' smart_resize under data.max_pixels), plus prompt_text_tokens of text; the
 prompt bucket is the smallest of data.prompt_buckets that holds it (the processor's rule). Each row's patches are
-packed as train/batching.py packs them; the sampler's patch bucket is sampling/sampler.py's.
+packed as train/batching.py packs them, and each prompt's as sampling/sampler.py prepare_prompts packs them.
 
 Per chip, for each program: XLA's argument / output / temp bytes (compiled.memory_analysis()); what else is resident
 while it runs (train state, reference params: buffers that are not its arguments); their sum against the chip's HBM
@@ -32,10 +33,11 @@ model, whose dims are not multiples of 128; the paper models' dims are). A progr
 Exit status: 0 when every program fits, 1 when one does not, 2 on any other error.
 
 Estimates (labelled so): XLA's cost model (compiled.cost_analysis()) gives flops and, on some chips, a positive
-'optimal_seconds'; from it a step time, tokens/s and MFU against the chip's peak bf16 flop/s (CHIPS below). The cost
-model counts a loop's body once whatever its trip count (measured: a 1000-step fori_loop reports the flops of one
-step), so the decode loop's estimate is scaled by max_new_tokens - 1 and the update step's by micro_batches x mu;
-loops inside them (log-prob chunks) stay counted once, so the estimates are lower bounds on time.
+'optimal_seconds'; from it a step time, tokens/s and MFU against the chip's peak bf16 flop/s (aot_compile.CHIPS).
+The cost model counts a loop's body once whatever its trip count (measured: a 1000-step fori_loop reports the flops
+of one step), so the decode loop's estimate is scaled by max_new_tokens - 1, the update step's by micro_batches x mu
+and the SFT step's by its micro-batches; loops inside them (log-prob chunks) stay counted once, so the estimates
+are lower bounds on time.
 
 Compile time: XLA's rematerialization pass runs long on a program near or over the chip's HBM; --compile_timeout
 ends the run when one program's compile takes longer (the plan records which one timed out).
