@@ -102,8 +102,9 @@ def shows(splits: Sequence[str], labels: Sequence[str], rows: Sequence[dict], re
   sep = [f"{l} {'above' if c > 0 else 'below'} on {s}" for l, s, c in seen if c]
   if not sep:
     return (
-        f"What it shows: no arm's final accuracy differs from {labels[ref]}'s beyond the 95% intervals on any split; "
-        "at this scale the axis shows no accuracy difference (intervals overlap: no claim)."
+        f"What it shows: no arm's final accuracy lies apart from {labels[ref]}'s beyond the 95% intervals on any "
+        "split, so the axis supports no accuracy claim at this scale (intervals overlap: no claim; not a proof that "
+        "the arms are equal)."
     )
   return (
       f"What it shows: against {labels[ref]}, {'; '.join(sep)} (intervals apart). "

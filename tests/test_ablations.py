@@ -121,6 +121,29 @@ def test_references_added_and_estimate(tmp_path):
   assert "in sequence; with --jobs 2 at best 10 min" in plan.estimate_line(10, walls, "x", jobs=2)
 
 
+def test_plan_mode_counts_the_demo_runs_it_reuses(tmp_path, capsys):
+  abl = _module()
+  out = str(tmp_path)
+  base = abl.ablation_base(_config(out), out)
+  runs, rows = abl.plan_lib.plan(base, abl.select_axes(base, (), ()))
+  assert abl.print_plan(base, out, runs, rows, (0, 1)) == 2 * len(runs)  # nothing finished: every run to train
+  # A finished demo GRPO run of seed 1 (config.json as run_arm writes it, last predictions, hf/) is reused.
+  grpo = next(r for r in runs.values() if r.demo_arm == "GRPO")
+  workdir = os.path.join(out, "rl", "grpo_seed1")
+  cfg = abl.plan_lib.run_config(base, grpo, 1, os.path.join(out, "sft", "hf"), workdir)
+  cfg.aux.store = os.path.join(out, "aux")  # the demo's store: not compared for GRPO, which reads none
+  os.makedirs(os.path.join(workdir, "hf"))
+  os.makedirs(os.path.join(workdir, "predictions"))
+  for split in cfg.data.eval_splits:
+    open(os.path.join(workdir, "predictions", f"{split}_step{cfg.rl.steps}.json"), "w").write("[]")
+  open(os.path.join(workdir, "config.json"), "w").write(cfg.to_json())
+  assert abl.print_plan(base, out, runs, rows, (0, 1)) == 2 * len(runs) - 1
+  assert f"{grpo.name} [selection, models]: seed 0: to train; seed 1: the demo's" in capsys.readouterr().out
+  cfg.rl.optimizer.lr *= 2  # another config in the demo's folder: trained again
+  open(os.path.join(workdir, "config.json"), "w").write(cfg.to_json())
+  assert abl.print_plan(base, out, runs, rows, (0, 1)) == 2 * len(runs)
+
+
 # ------------------------------------------------------------------------------------------------ the table's math
 def _fake_run(path, accs: dict, preds: dict, train: list[dict], steps: int):
   """A run folder as the trainer leaves it: metrics.jsonl (eval lines at the given steps, training lines) and the
@@ -231,7 +254,7 @@ def test_table_claims_and_checks_from_the_numbers(tmp_path):
       "- test_id: GRPO vs EKIPL (30.0 vs 40.0): intervals overlap: no claim.",
       "- test_id: other vs EKIPL (50.0 vs 40.0): intervals overlap: no claim.",
   ]
-  assert "no arm's final accuracy differs from EKIPL's" in rep.shows(["test_id"], labels, rows, ref=1)
+  assert "no arm's final accuracy lies apart from EKIPL's" in rep.shows(["test_id"], labels, rows, ref=1)
   rows[2]["test_id"]["ci95"] = [46.0, 60.0]
   assert "**other ends above EKIPL**" in rep.claims(["test_id"], labels, rows, ref=1)[1]
   assert "against EKIPL, other above on test_id" in rep.shows(["test_id"], labels, rows, ref=1)
