@@ -207,7 +207,8 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
       sizes=sizes,
       min_headroom=min_headroom,
       programs=programs,
-      fits=all(r["fits"] for r in programs),
+      compiled=sum("mem" in r for r in programs),  # a verdict needs at least one program measured
+      fits=all(r["fits"] for r in programs) and any("mem" in r for r in programs),
       seconds=time.time() - t0,
   )
   return report

@@ -98,3 +98,34 @@ def test_plan_keeps_earlier_programs_and_marks_them():
       in text
   )
   assert "| c | v5e:2x4 | 8 | **no** | update_step | 2.00 / 16.00 | 5% |" in text
+
+
+def test_a_report_with_nothing_compiled_gives_no_verdict(capsys):
+  """Every program skipped (e.g. --programs sft_step on an RL config): no 'FITS' is printed and the report does not
+  fit (the tool's exit code is 1), since nothing was measured."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import aot_report  # pylint: disable=g-import-not-at-top
+
+  skipped = dict(name="update_step", skipped="not selected (--programs)", unselected=True, fits=True)
+  geo = dict(images_per_prompt=1, grid=[1, 4, 4], image_tokens=4, prompt_tokens=10, P=16)
+  rep = dict(
+      config="c",
+      stage="rl",
+      topology="v5e:2x2",
+      chips=4,
+      device_kind="TPU v5 lite",
+      mesh={"fsdp": 4},
+      hbm_bytes=16 * GiB,
+      hf_config="x",
+      geometry=geo,
+      sizes={},
+      min_headroom=0.1,
+      programs=[skipped],
+      compiled=0,
+      fits=False,
+  )
+  aot_report.print_report(rep)
+  out = capsys.readouterr().out
+  assert "NOTHING COMPILED" in out and "FITS" not in out.replace("NOTHING COMPILED", "")
