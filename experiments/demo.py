@@ -1,7 +1,7 @@
-"""The embedded demo: the paper's central ablation (GRPO vs Vision-EKIPL) in miniature, on a CPU, in minutes.
+"""The embedded demo: the paper's central ablation (GRPO vs Vision-EKIPL) in miniature, on a CPU (~45 min on 2 cores).
 
 1. synthetic CLEVR-Math-like counting data (TFDS, generated offline from a seed); the training records' chains of
-   thought come from a flawed scripted teacher that misses most small cylinders (configs/demo.py)
+   thought come from a flawed scripted teacher that misses most gray objects (configs/demo.py)
 2. a tiny Qwen2.5-VL-architecture policy from scratch: BPE tokenizer trained on the data, saved as an HF folder
 3. CoT-SFT warm start on the flawed teacher's chains of thought
 4. the auxiliary trajectory store: a perfect and a 60%-accurate scripted solver stand in for external models
@@ -252,8 +252,8 @@ def write_results(out: str, base, res: dict, workdirs, runs, elapsed: float) -> 
       f"- command: `{' '.join(sys.argv)}`, {time.strftime('%Y-%m-%d %H:%M')}; total wall time {elapsed / 60:.1f} min",
       f"- machine: {platform.machine()}, {cpu}, {os.cpu_count()} cores, load average at the end "
       f"{' / '.join(f'{v:.1f}' for v in load)}; jax {jax.__version__} ({jax.default_backend()})",
-      f"- synthetic counting (train {base.data.num_train}; the SFT teacher misses a {base.data.teacher_blind} with "
-      f"probability {base.data.teacher_miss_rate}); {', '.join(f'{k} {v}' for k, v in res['n_eval'].items())} "
+      f"- synthetic counting (train {base.data.num_train}; the SFT teacher misses each '{base.data.teacher_blind}' object "
+      f"with probability {base.data.teacher_miss_rate}); {', '.join(f'{k} {v}' for k, v in res['n_eval'].items())} "
       "evaluated; a tiny Qwen2.5-VL from "
       f"scratch, SFT {base.sft.steps} steps x {base.sft.batch_size}, then RL {base.rl.steps} steps x "
       f"{base.rl.batch_prompts} prompts (G = {base.rl.group_size}, N = {base.rl.num_policy_samples}, K = "

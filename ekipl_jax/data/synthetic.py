@@ -18,7 +18,7 @@ reading order of version 1.1.0 (a pointer over the image tokens) and counts by s
 
 A flawed SFT teacher (optional, train split only): with `teacher_blind` set (e.g. "gray"), the scripted
 solver that writes the training records' chain of thought misses each object of that kind with probability
-`teacher_miss_rate` (it neither lists nor counts it). Such a record's `cot` and `answer` are the teacher's (the SFT
+`teacher_miss_rate` (it does not count it). Such a record's `cot` and `answer` are the teacher's (the SFT
 target), its `solution` stays the ground truth (what the RL reward checks); the test splits are always truthful.
 This is the situation Vision-EKIPL is built for: SFT teaches the policy a systematic error that it then rarely samples
 its way out of, while an external solver that sees every object carries the missing knowledge.
