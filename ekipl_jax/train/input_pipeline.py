@@ -31,13 +31,14 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
   """Builds (once) the TFDS dataset that the config names; a later call just opens it."""
   if dcfg.builder == "synthetic_reasoning":
     blind, miss = str(dcfg.get("teacher_blind", "")), float(dcfg.get("teacher_miss_rate", 0.0))
-    teacher = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
     ood_min, ood_max = int(dcfg.get("ood_min_objects", 0)), int(dcfg.get("ood_max_objects", 9))
-    teacher += f"_ood{ood_min}-{ood_max}" if (ood_min, ood_max) != (0, 9) else ""
     kinds = tuple(dcfg.get("question_kinds", ())) or synthetic.QUESTION_KINDS
-    teacher += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
+    # The dataset's name carries every generator setting that differs from the default data.
+    suffix = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
+    suffix += f"_ood{ood_min}-{ood_max}" if (ood_min, ood_max) != (0, 9) else ""
+    suffix += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
     scfg = builders.SyntheticConfig(
-        name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{teacher}",
+        name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{suffix}",
         seed=int(dcfg.get("synthetic_seed", 0)),
         teacher_blind=blind,
         teacher_miss_rate=miss,
