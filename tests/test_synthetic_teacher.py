@@ -82,3 +82,52 @@ def test_parse_blind():
     syn.parse_blind("small cylnder")
   with pytest.raises(ValueError, match="once each"):
     syn.parse_blind("small large")
+
+
+UNCOUNTED = syn.SceneConfig(seed=5, teacher_blind="gray", teacher_miss_rate=1.0, teacher_flaw="uncounted")
+
+
+def test_uncounted_teacher_lists_the_kind_but_leaves_it_out_of_every_total():
+  n_wrong = 0
+  for i in range(60):
+    ex, ref = syn.make_example(UNCOUNTED, "train", i), syn.make_example(TRUE, "train", i)
+    objs = _objects(ex)
+    assert ex["metadata"] == ref["metadata"] and ex["image_png"] == ref["image_png"]  # same scene and image
+    assert ex["solution"] == ref["answer"]  # the RL reward's ground truth is untouched
+    got = re.findall(r"^(\w+) objects: (\d+), so far (\d+)$", ex["cot"], re.M)
+    want, total = [], 0  # by hand: every line holds the true count, the running total skips the gray ones
+    for color in ("red", "blue", "green", "yellow", "purple", "gray"):
+      k = len([o for o in objs if o["color"] == color])
+      total += 0 if color == "gray" else k
+      want.append((color, str(k), str(total)))
+    assert got == want
+    gray = sum(o["color"] == "gray" for o in objs)
+    assert f"In total there are {len(objs) - gray} objects." in ex["cot"]
+    q = json.loads(ex["metadata"])["question"]
+    if q["kind"] in ("count", "add", "subtract_n"):  # n, n + k or n - k with the teacher's n
+      assert int(ex["answer"]) == int(ref["answer"]) - gray
+    n_wrong += ex["answer"] != ex["solution"]
+  assert n_wrong > 10  # about half the scenes hold a gray object
+
+
+def test_uncounted_rate_is_per_scene_and_test_splits_stay_truthful():
+  cfg = syn.SceneConfig(seed=5, teacher_blind="gray", teacher_miss_rate=0.5, teacher_flaw="uncounted")
+  flawed = with_gray = 0
+  for i in range(200):
+    ex, ref = syn.make_example(cfg, "train", i), syn.make_example(TRUE, "train", i)
+    gray = sum(o["color"] == "gray" for o in _objects(ex))
+    if gray == 0:
+      assert ex == ref  # nothing to leave out
+      continue
+    n_total = int(re.search(r"In total there are (\d+) objects", ex["cot"]).group(1))
+    assert n_total in (len(_objects(ex)), len(_objects(ex)) - gray)  # all of a scene's gray objects, or none
+    with_gray += 1
+    flawed += n_total != len(_objects(ex))
+  assert 0.35 < flawed / with_gray < 0.65  # probability 0.5 per scene (~100 scenes with gray: 3 std)
+  for split in ("test_id", "test_ood"):
+    assert all(syn.make_example(UNCOUNTED, split, i) == syn.make_example(TRUE, split, i) for i in range(10))
+
+
+def test_unknown_teacher_flaw_is_named():
+  with pytest.raises(ValueError, match="teacher_flaw 'blind'"):
+    syn.SceneConfig(teacher_flaw="blind")

@@ -205,6 +205,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   ood_max_objects: int = 9
   teacher_blind: str = ""  # train split: objects the flawed SFT teacher misses, e.g. "small cylinder" (see synthetic)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object
+  teacher_flaw: str = "miss"  # what the teacher gets wrong: "miss" | "uncounted" (see synthetic)
   question_kinds: tuple[str, ...] = synthetic.QUESTION_KINDS  # kinds of question drawn (uniformly)
 
   def scene_config(self) -> synthetic.SceneConfig:
@@ -218,6 +219,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
         ood_max_objects=self.ood_max_objects,
         teacher_blind=self.teacher_blind,
         teacher_miss_rate=self.teacher_miss_rate,
+        teacher_flaw=self.teacher_flaw,
         question_kinds=tuple(self.question_kinds),
     )
 

@@ -22,6 +22,15 @@ solver that writes the training records' chain of thought misses each object of 
 target), its `solution` stays the ground truth (what the RL reward checks); the test splits are always truthful.
 This is the situation Vision-EKIPL is built for: SFT teaches the policy a systematic error that it then rarely samples
 its way out of, while an external solver that sees every object carries the missing knowledge.
+
+`teacher_flaw` says what the flaw is:
+  "miss"       (default) the teacher does not see each blind object, with probability `teacher_miss_rate` per object:
+               the object is in neither its colour's line nor any total (a perception error).
+  "uncounted"  the teacher sees every object and writes every colour's line right, but with probability
+               `teacher_miss_rate` per scene it leaves the blind objects out of its running total ("gray objects: 2,
+               so far 4" after "so far 4"), so its total and answer exclude them (a reasoning error: the policy
+               learns to see them in SFT, and the correction needs only the addition it already does on every
+               other line).
 """
 
 import dataclasses
@@ -50,6 +59,7 @@ BACKGROUND = (122, 116, 104)
 HELD_OUT_PAIRS = frozenset({("red", "sphere"), ("blue", "cylinder"), ("green", "cube")})
 SPLITS = ("train", "test_id", "test_ood")
 QUESTION_KINDS = ("count", "subtract_all", "add", "subtract_n")
+TEACHER_FLAWS = ("miss", "uncounted")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +74,11 @@ class SceneConfig:
   question_kinds: tuple[str, ...] = QUESTION_KINDS
   teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "gray" or "small cylinder" ("" = perfect)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object (train split only)
+  teacher_flaw: str = "miss"  # "miss": each blind object unseen | "uncounted": per scene, seen but left out of totals
 
   def __post_init__(self):
+    if self.teacher_flaw not in TEACHER_FLAWS:
+      raise ValueError(f"teacher_flaw {self.teacher_flaw!r}: expected one of {TEACHER_FLAWS}")
     bad = [k for k in self.question_kinds if k not in QUESTION_KINDS]
     if bad or not self.question_kinds:
       raise ValueError(f"question_kinds {tuple(self.question_kinds)}: expected a non-empty subset of {QUESTION_KINDS}")
@@ -178,21 +191,24 @@ def answer_of(objects: list[dict], question: dict) -> int:
   ]
 
 
-def count_lines(objects: list[dict]) -> list[str]:
+def count_lines(objects: list[dict], uncounted: dict | None = None) -> list[str]:
   """One line per colour in COLORS order with its count and the running total: the last total is the number of
-  objects the solver sees."""
+  objects the solver sees. Objects matching `uncounted` are listed in their colour's line but not added to the
+  running total (the "uncounted" teacher flaw)."""
   lines, so_far = [], 0
   for color in COLORS:
-    k = sum(o["color"] == color for o in objects)
-    so_far += k
-    lines.append(f"{color} objects: {k}, so far {so_far}")
+    mine = [o for o in objects if o["color"] == color]
+    so_far += sum(not (uncounted and matches(o, uncounted)) for o in mine)
+    lines.append(f"{color} objects: {len(mine)}, so far {so_far}")
   return lines
 
 
-def write_cot(objects: list[dict], question: dict, n_seen: int, m_seen: int) -> tuple[str, int]:
+def write_cot(
+    objects: list[dict], question: dict, n_seen: int, m_seen: int, uncounted: dict | None = None
+) -> tuple[str, int]:
   """Chain of thought from the objects the solver sees and the counts it believes; (cot, final answer)."""
   kind, filt, k = question["kind"], question["filter"], question["k"]
-  lines = ["I count the objects by colour:", *count_lines(objects), f"In total there are {n_seen} objects."]
+  lines = ["I count the objects by colour:", *count_lines(objects, uncounted), f"In total there are {n_seen} objects."]
   if kind == "count":
     return "\n".join(lines + [f"So there are {n_seen} objects."]), n_seen
   if kind == "subtract_all":
@@ -232,6 +248,18 @@ def teacher_solve(
   return write_cot(seen, question, len(seen), sum(matches(o, question["filter"]) for o in seen))
 
 
+def uncounted_teacher_solve(
+    objects: list[dict], question: dict, blind: dict, miss_rate: float, rng: np.random.Generator
+) -> tuple[str, int]:
+  """A flawed scripted solver that sees every object but, with probability miss_rate (once per scene), leaves the
+  objects matching `blind` out of its running total, its total and the question's matches; otherwise `solve`."""
+  if not (blind and rng.random() < miss_rate):
+    return solve(objects, question)
+  counted = [o for o in objects if not matches(o, blind)]
+  m = sum(matches(o, question["filter"]) for o in counted)
+  return write_cot(objects, question, len(counted), m, uncounted=blind)
+
+
 def noisy_solve(objects: list[dict], question: dict, accuracy: float, rng: np.random.Generator) -> tuple[str, int]:
   """Correct with probability `accuracy`; otherwise it miscounts (plausible reasoning, wrong final answer)."""
   n, m = len(objects), sum(matches(o, question["filter"]) for o in objects)
@@ -259,7 +287,8 @@ def make_example(cfg: SceneConfig, split: str, index: int) -> dict:
   truth = answer_of(objects, question)
   if split == "train" and cfg.teacher_blind and cfg.teacher_miss_rate > 0:  # own stream: the scene stays the same
     teacher_rng = np.random.default_rng([cfg.seed, zlib.crc32(b"teacher"), index])
-    cot, ans = teacher_solve(objects, question, parse_blind(cfg.teacher_blind), cfg.teacher_miss_rate, teacher_rng)
+    flawed = teacher_solve if cfg.teacher_flaw == "miss" else uncounted_teacher_solve
+    cot, ans = flawed(objects, question, parse_blind(cfg.teacher_blind), cfg.teacher_miss_rate, teacher_rng)
   else:
     cot, ans = solve(objects, question)
   ex_id = f"{split}-{index:06d}"

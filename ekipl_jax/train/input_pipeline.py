@@ -34,7 +34,9 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
     ood_min, ood_max = int(dcfg.get("ood_min_objects", 0)), int(dcfg.get("ood_max_objects", 9))
     kinds = tuple(dcfg.get("question_kinds", ())) or synthetic.QUESTION_KINDS
     # The dataset's name carries every generator setting that differs from the default data.
+    flaw = str(dcfg.get("teacher_flaw", "miss"))
     suffix = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
+    suffix += f"-{flaw}" if suffix and flaw != "miss" else ""
     suffix += f"_ood{ood_min}-{ood_max}" if (ood_min, ood_max) != (0, 9) else ""
     suffix += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
     scfg = builders.SyntheticConfig(
@@ -42,6 +44,7 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
         seed=int(dcfg.get("synthetic_seed", 0)),
         teacher_blind=blind,
         teacher_miss_rate=miss,
+        teacher_flaw=flaw,
         ood_min_objects=ood_min,
         ood_max_objects=ood_max,
         question_kinds=kinds,
