@@ -134,7 +134,7 @@ def test_malformed_record_raises_with_id_and_file(tmp_path):
   root = str(tmp_path / "store")
   with AuxStoreWriter(root) as w:
     w.append(AuxResponse(id="p0", source="gpt-4o", text="a"))
-  path = f"{root}/sources/gpt-4o/shard-00000.jsonl"  # one folder per source (data/aux_store.py)
+  path = f"{root}/sources/gpt-4o/shard-00000.jsonl"  # one folder per source (data/aux_store/layout.py)
   raw = open(path, "rb").read()
   open(path, "wb").write(raw.replace(b'"text"', b'"tex\\u'))  # broken JSON escape, same length
   with pytest.raises(AuxStoreError, match=r"'p0'.*shard-00000\.jsonl"):

@@ -1,4 +1,4 @@
-"""Writers of the external-trajectory store (ekipl_jax/data/aux_store.py): where the auxiliary responses come from.
+"""Writers of the external-trajectory store (ekipl_jax/data/aux_store/): where the auxiliary responses come from.
 
   write_from_cot(examples, store_dir, name)                       (a) the dataset's own `cot` field (Reason-RFT-CoT
                                                                       annotations are a strong model's reasoning)
