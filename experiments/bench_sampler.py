@@ -31,17 +31,22 @@ import time
 
 import numpy as np
 
+# The text side, shared with bench_tunix.py and bench_update.py (same sizes on every side of every comparison).
+TEXT = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+)
+ROPE_THETA = 1e6
 CONFIG = dict(
     text_config=dict(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
+        TEXT,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA, "mrope_section": [8, 12, 12]},
     ),
     vision_config=dict(
         depth=2,

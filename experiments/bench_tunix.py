@@ -27,17 +27,9 @@ import time
 
 import numpy as np
 
-# The text side of experiments/bench_sampler.py's ~40M Qwen2.5-VL config.
-TEXT = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-    rope_theta=1e6,
-)
+import bench_sampler  # experiments/, the script's own folder (stdlib + numpy at import: runs in .venv-tunix too)
+
+TEXT = dict(bench_sampler.TEXT, rope_theta=bench_sampler.ROPE_THETA)  # the text side of its ~40M Qwen2.5-VL config
 SAMPLING = dict(temperature=0.9, top_p=0.9, top_k=50)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNIX_PYTHON = os.path.join(ROOT, ".venv-tunix", "bin", "python")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import bench_sampler  # experiments/, the script's own folder
 from ekipl_jax import models
 from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import config as rl_config
@@ -40,16 +41,7 @@ from ekipl_jax.sampling.sampler import count_compilations
 from ekipl_jax.train import batching
 from ekipl_jax.train import rl_stages
 
-# The text side of the ~40M Qwen2.5-VL bench config (experiments/bench_sampler.py).
-TEXT = dict(
-    vocab_size=8192,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-6,
-)
+TEXT = bench_sampler.TEXT  # the text side of the ~40M Qwen2.5-VL bench config
 TOY = dict(
     vocab_size=512,
     hidden_size=64,
@@ -78,7 +70,10 @@ def hf_config(text: dict) -> dict:
   return dict(
       model_type="qwen2_5_vl",
       tie_word_embeddings=False,
-      text_config=dict(text, rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}),
+      text_config=dict(
+          text,
+          rope_parameters={"rope_type": "default", "rope_theta": bench_sampler.ROPE_THETA, "mrope_section": section},
+      ),
   )
 
 
