@@ -44,6 +44,23 @@ def test_none_all_replace():
   assert m["source_ratio/external"] == 0.25 and m["source_ratio/model_2"] == 0.0
 
 
+def test_kept_rows_per_prompt_follow_the_rule():
+  """G as selection.py's rules keep it (the rows select() returned above): 'all' the pool of 8, others group_size 4;
+  train/validate.py sizes the update batch with it."""
+  from configs import base
+  from ekipl_jax.train import validate
+
+  assert [selection.kept_per_prompt(n, 4, 8) for n in ("ekipl", "none", "all", "replace")] == [4, 4, 8, 4]
+  assert selection.keeps_pool("all") and not selection.keeps_pool("ekipl")
+  c = base.get_config()
+  c.stage, c.aux.sources, c.rl.selection, c.rl.group_size = "rl", ("a",), "all", 0  # group_size unused by 'all'
+  c.rl.num_policy_samples, c.rl.num_external_per_model, c.rl.batch_prompts, c.rl.micro_batches = 6, 2, 1, 1
+  validate.config(c)
+  c.rl.selection = "ekipl"
+  with pytest.raises(ValueError, match="config key rl.group_size: must be an integer >= 2, got 0"):
+    validate.config(c)
+
+
 def test_source_metrics():
   _, m = selection.select(REWARDS, SOURCES, PROMPT, _cfg(), accuracy_R=ACCURACY)
   # kept rows 0,2,4,7 | 8,9,10,11 -> sources 0,0,1,2 | 0,0,0,0

@@ -18,13 +18,24 @@ import numpy as np
 
 from ekipl_jax.rl.registry import Registry
 
-RULES = Registry("rl.selection")  # (rows, rewards_R, sources_R, cfg) -> kept pool rows; info: reads_store
+RULES = Registry("rl.selection")  # (rows, rewards_R, sources_R, cfg) -> kept pool rows; info: reads_store, keeps_pool
 
 
 def reads_store(name: str) -> bool:
   """Whether selection rule `name` uses external rows (so the run needs an auxiliary store)."""
   RULES.lookup(name)
   return RULES.info[name].get("reads_store", True)
+
+
+def keeps_pool(name: str) -> bool:
+  """Whether rule `name` keeps each prompt's whole pool (N + M*K rows) rather than cfg.group_size of it."""
+  RULES.lookup(name)
+  return RULES.info[name].get("keeps_pool", False)
+
+
+def kept_per_prompt(name: str, group_size: int, pool_size: int) -> int:
+  """G, the rows rule `name` keeps per prompt: `group_size` (config key rl.group_size), or the pool's `pool_size`."""
+  return pool_size if keeps_pool(name) else group_size
 
 
 def _group_rows(prompt_index_R: np.ndarray) -> list[np.ndarray]:
@@ -55,7 +66,7 @@ def _none(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
   return policy[:G]
 
 
-@RULES.register("all")
+@RULES.register("all", keeps_pool=True)
 def _all(rows: np.ndarray, rewards_R, sources_R, cfg) -> np.ndarray:
   return rows
 

@@ -137,9 +137,9 @@ def _rl(cfg) -> None:
   K = _int(cfg, "rl.num_external_per_model", 0)
   selection = _one_of(cfg, "rl.selection", SELECTIONS)
   M = len(cfg.aux.sources)
-  if selection != "all":  # 'all' keeps the whole pool: G = N + M*K
+  if not selection_lib.keeps_pool(selection):  # 'all' keeps the whole pool: G = N + M*K
     _int(cfg, "rl.group_size", 2)  # one row has no group to be compared with: its advantage is 0
-  G = N + M * K if selection == "all" else r.group_size
+  G = selection_lib.kept_per_prompt(selection, r.group_size, N + M * K)
   if selection_lib.reads_store(selection) and M * K == 0:
     _fail("aux.sources" if M == 0 else "rl.num_external_per_model", f"selection {selection!r} needs external rows")
   if selection == "none" and N < G:
@@ -210,11 +210,8 @@ def mesh(cfg, num_devices: int) -> None:
     rows["sft.batch_size / sft.micro_batches"] = cfg.sft.batch_size // cfg.sft.micro_batches
   if cfg.stage == "rl":
     M = len(cfg.aux.sources)
-    G = (
-        cfg.rl.num_policy_samples + M * cfg.rl.num_external_per_model
-        if cfg.rl.selection == "all"
-        else cfg.rl.group_size
-    )
+    pool = cfg.rl.num_policy_samples + M * cfg.rl.num_external_per_model
+    G = selection_lib.kept_per_prompt(cfg.rl.selection, cfg.rl.group_size, pool)
     rows["rl.batch_prompts * rl.group_size / rl.micro_batches"] = cfg.rl.batch_prompts * G // cfg.rl.micro_batches
     rows["rl.batch_prompts * rl.num_policy_samples"] = cfg.rl.batch_prompts * cfg.rl.num_policy_samples
   for key, n in rows.items():
