@@ -22,7 +22,7 @@ from ekipl_jax import models
 from ekipl_jax.data import aux_sources
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.data.aux_store import AuxResponse, AuxStoreWriter, RefuseIds, check_refused
-from ekipl_jax.sampling.sampler import generate
+from ekipl_jax.sampling.config import SamplingConfig
 
 PROMPT_BUCKETS = tuple(64 * 2**i for i in range(7))  # 64 .. 4096 prompt tokens
 
@@ -101,25 +101,19 @@ def write_from_checkpoint(
       return aux_sources.summary(name, store_dir, 0, skipped, [])
     model, params = models.load_pretrained(checkpoint, dtype=jnp.dtype(dtype), compute_dtype=jnp.dtype(dtype))
     proc = processor_lib.load(checkpoint, min_pixels, max_pixels)
+    sc = SamplingConfig(k, max_new_tokens, temperature, top_p, top_k, (proc.eos_token_id,), proc.pad_token_id)
     with open(os.path.join(checkpoint, "config.json")) as f:
       model_type = json.load(f).get("model_type", "")
     for b, (batch, n_real) in enumerate(_padded_batches(todo, batch_size)):
       pb = processor_lib.prompt_batch(proc, batch, prompt_buckets, templates)
-      out = generate(
+      out = sc.generate(
           model,
           params,
           pb["input_ids"],
           pb["attention_mask"],
           pb["pixel_values"],
           pb["image_grid_thw"],
-          max_new_tokens=max_new_tokens,
-          temperature=temperature,
-          top_p=top_p,
-          top_k=top_k,
-          eos_token_ids=[proc.eos_token_id],
           rng=jax.random.fold_in(jax.random.key(seed), b),
-          num_samples=k,
-          pad_token_id=proc.pad_token_id,
           prompt_buckets=(pb["input_ids"].shape[1],),
       )
       tokens_NC, lengths_N, logp_NC = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))

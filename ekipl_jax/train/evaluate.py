@@ -8,8 +8,9 @@ import jax
 import numpy as np
 
 from ekipl_jax import rewards
-from ekipl_jax import sampling, sharding
+from ekipl_jax import sharding
 from ekipl_jax.data import processor as processor_lib
+from ekipl_jax.sampling.config import SamplingConfig
 from ekipl_jax.train import report
 
 # Reason-RFT test split -> scorer of rewards.score(), per task.
@@ -47,25 +48,21 @@ def evaluate(
 ) -> tuple[dict[str, float], list[dict]]:
   """-> ({accuracy, pass@k, mean_length} in percent / tokens, per-example predictions)."""
   k = int(ecfg.pass_k)
+  sc = SamplingConfig(
+      k, ecfg.max_new_tokens, ecfg.temperature, ecfg.top_p, ecfg.top_k, (proc.eos_token_id,), proc.pad_token_id
+  )
   scores, passes, lengths, preds = [], [], [], []
   for start in range(0, len(examples), ecfg.batch_size):
     chunk = list(examples[start : start + ecfg.batch_size])
     pb = processor_lib.prompt_batch(proc, chunk, prompt_buckets, templates)
-    out = sampling.generate(
+    out = sc.generate(
         model,
         params,
         pb["input_ids"],
         pb["attention_mask"],
         pb["pixel_values"],
         pb["image_grid_thw"],
-        max_new_tokens=ecfg.max_new_tokens,
-        temperature=ecfg.temperature,
-        top_p=ecfg.top_p,
-        top_k=ecfg.top_k,
-        eos_token_ids=[proc.eos_token_id],
         rng=jax.random.fold_in(rng, start),
-        num_samples=k,
-        pad_token_id=proc.pad_token_id,
         prompt_buckets=prompt_buckets,
     )
     tokens, lens = sharding.to_host(out.tokens), sharding.to_host(out.lengths)

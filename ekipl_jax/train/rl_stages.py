@@ -31,6 +31,7 @@ from ekipl_jax.rl import advantages as advantages_lib
 from ekipl_jax.rl import batch as rl_batch
 from ekipl_jax.rl import selection, update
 from ekipl_jax.sampling import groups as groups_lib
+from ekipl_jax.sampling.config import SamplingConfig  # noqa: F401 (rl_stages.SamplingConfig: notebook, tests)
 from ekipl_jax.train import batching
 
 
@@ -57,26 +58,6 @@ class Prompts:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class SamplingConfig:
-  """The sampler's settings for RL rollouts (config rl.sampling, rl.num_policy_samples and the tokenizer's ids)."""
-
-  num_samples: int  # N policy samples per prompt
-  max_new_tokens: int  # C
-  temperature: float
-  top_p: float = 1.0
-  top_k: int = 0
-  eos_token_ids: tuple[int, ...] = ()
-  pad_token_id: int = 0
-
-  @classmethod
-  def from_config(cls, rcfg, eos_token_ids: Sequence[int], pad_token_id: int) -> SamplingConfig:
-    s = rcfg.sampling
-    return cls(
-        rcfg.num_policy_samples, s.max_new_tokens, s.temperature, s.top_p, s.top_k, tuple(eos_token_ids), pad_token_id
-    )
-
-
 def codec_for(proc) -> groups_lib.Codec:
   """How the policy's processor reads and writes completions (external texts end with its EOS, <|im_end|>)."""
   return groups_lib.Codec(
@@ -93,21 +74,14 @@ def codec_for(proc) -> groups_lib.Codec:
 
 def sample(model, params, prompts: Prompts, sc: SamplingConfig, rng: jax.Array) -> sampling.SampleOutput:
   """N policy samples per prompt (jit prefill + decode over a KV cache), as host numpy on every process."""
-  out = sampling.generate(
+  out = sc.generate(
       model,
       params,
       prompts.ids_BP,
       prompts.mask_BP,
       prompts.pixel_values,
       prompts.image_grid_thw,
-      max_new_tokens=sc.max_new_tokens,
-      temperature=sc.temperature,
-      top_p=sc.top_p,
-      top_k=sc.top_k,
-      eos_token_ids=sc.eos_token_ids,
       rng=rng,
-      num_samples=sc.num_samples,
-      pad_token_id=sc.pad_token_id,
       prompt_buckets=(prompts.ids_BP.shape[1],),  # the prompts are padded already
   )
   return jax.tree.map(sharding.to_host, out)  # multi-host: every process sees every row
