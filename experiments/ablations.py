@@ -41,10 +41,7 @@ import sys
 import time
 from typing import Sequence
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the ablations_*.py beside this file
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import ablations_plan as plan_lib
+import ablations_plan as plan_lib  # the ablations_*.py beside this file (the script's folder is first on sys.path)
 import ablations_report as report_lib
 import ablations_runs as runs_lib
 import ablations_stats as stats_lib

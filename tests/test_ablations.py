@@ -29,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _module():
+  if os.path.join(ROOT, "experiments") not in sys.path:  # its ablations_*.py siblings, as when run as a script
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
   spec = importlib.util.spec_from_file_location("ablations", os.path.join(ROOT, "experiments", "ablations.py"))
   mod = importlib.util.module_from_spec(spec)
   sys.modules["ablations"] = mod
