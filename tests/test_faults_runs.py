@@ -174,7 +174,7 @@ def test_corrupt_newest_checkpoint_resumes_from_the_previous_one(ref, capsys):
   with pytest.raises(workdir_lib.ConfigChanged, match=re.escape(f"1 keys differ:\n  sft.lr: {cfg.sft.lr!r} -> 0.1")):
     trainer.run(changed)
   # Every checkpoint unreadable: experiments/train.py stops with one clear error, not pages of orbax's shutdown
-  # tracebacks (about 900 lines before).
+  # tracebacks (an uncaught error at that point prints about 900 lines).
   for step in os.listdir(os.path.join(cfg.workdir, "checkpoints")):
     shutil.rmtree(os.path.join(cfg.workdir, "checkpoints", step, "meta"))
   config_py = os.path.join(ref["root"], "tiny_sft_config.py")

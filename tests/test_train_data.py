@@ -1,4 +1,4 @@
-"""The training input pipeline on grain (train/input_pipeline.py): the same example order as before grain, batches
+"""The training input pipeline on grain (train/input_pipeline.py): the example order docs/DESIGN.md states, batches
 prepared ahead of the step in a background thread, and the iterator state in the checkpoint for exact resume."""
 
 import threading
