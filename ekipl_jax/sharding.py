@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -95,6 +96,29 @@ def constrain(x: jax.Array, axes: Sequence[str | None], mesh: Mesh | None, rules
   if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, logical_sharding(axes, mesh, rules, x.shape))
+
+
+def constrain_like(tree, shardings):
+  """with_sharding_constraint of each leaf of `tree` to its sharding in `shardings` (same structure, or one Sharding
+  for every leaf); identity when `shardings` is None."""
+  if shardings is None:
+    return tree
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, shardings), tree)
+  return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+
+
+def params_part(state_sharding):
+  """The params' shardings in a train state's out-sharding (a TrainState of shardings, one Sharding for all, or
+  None)."""
+  return getattr(state_sharding, "params", state_sharding)
+
+
+def grad_accumulator(params, shardings=None):
+  """float32 zeros shaped and placed like `params` (shardings: the params' shardings, or None). A bare jnp.zeros in a
+  jitted step carries no sharding and leaves the accumulator's placement to XLA's propagation; pinned, a gradient
+  sum is never whole on every chip."""
+  return constrain_like(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), shardings)
 
 
 _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")

@@ -83,6 +83,9 @@ _PLAN = flags.DEFINE_string("plan", "", "write the plan over every paper config 
 _TIMEOUT = flags.DEFINE_float(
     "compile_timeout", 0, "seconds one program's XLA compile may take; longer ends the run, exit 3 (0: no limit)"
 )
+_PROBE = flags.DEFINE_list(
+    "probe_depth", [], "LAYERS,VISION_LAYERS: compile a cut model as a memory probe (no fit verdict; exit 1)"
+)
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -95,7 +98,10 @@ def main(argv):
   import jax
 
   jax.config.update("jax_platforms", "cpu")  # the host side; the TPU is only a compilation target
-  aot_compile.OPTIONS.update(programs=tuple(_PROGRAMS.value), timeout_s=_TIMEOUT.value)
+  probe = tuple(int(x) for x in _PROBE.value) or None
+  if probe and len(probe) != 2:
+    raise app.UsageError("--probe_depth takes LAYERS,VISION_LAYERS")
+  aot_compile.OPTIONS.update(programs=tuple(_PROGRAMS.value), timeout_s=_TIMEOUT.value, probe_depth=probe)
   if _PLAN.value:
     return 0 if aot_plan.write_plan(_PLAN.value, _TEXT.value, _HEADROOM.value, _PLAN_ONLY.value) else 1
   if _CONFIG.value is None or not _TOPOLOGY.value:

@@ -55,6 +55,7 @@ OPTIONS: dict[str, Any] = dict(
     programs=(),  # compile only these program names (empty: all)
     timeout_s=0.0,  # a compile running longer ends the process (0: no limit)
     on_timeout=None,  # callable(program name, seconds) run before that exit (records the timeout)
+    probe_depth=None,  # (layers, vision layers): compile a cut model (aot_programs.shallow_copy), no verdict
 )
 
 

@@ -135,6 +135,21 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   return out, sizes
 
 
+def shallow_copy(hf: dict, layers: int, vision_layers: int) -> dict:
+  """The config.json with only `layers` decoder layers and `vision_layers` vision blocks (the rest unchanged): a
+  memory probe. Compiles of the full depth take ~15 min on a CPU; two shallow probes show which buffers grow per layer
+  and which are fixed (a buffer XLA keeps per layer shows as the difference of two probes)."""
+  hf = json.loads(json.dumps(hf))
+  if not (1 <= layers <= hf["num_hidden_layers"] and 1 <= vision_layers <= hf["vision_config"]["depth"]):
+    raise ValueError(f"--probe_depth {layers},{vision_layers}: each must be in 1..the model's depth")
+  hf["num_hidden_layers"] = layers
+  v = hf["vision_config"]
+  v["depth"] = vision_layers
+  if "fullatt_block_indexes" in v:  # Qwen2.5-VL: keep the last block full-attention
+    v["fullatt_block_indexes"] = [i for i in v["fullatt_block_indexes"] if i < vision_layers] or [vision_layers - 1]
+  return hf
+
+
 def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_headroom: float) -> dict:
   """Compile the config's stage for the topology; -> the report (aot_report.print_report prints it)."""
   import jax
@@ -160,6 +175,9 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
   chip = CHIPS.get(kind)
   hbm = usable_hbm(mesh)
   hf, hf_source = hf_config_for(cfg)
+  probe = aot_compile.OPTIONS.get("probe_depth")
+  if probe:
+    hf, hf_source = shallow_copy(hf, *probe), f"{hf_source} cut to {probe[0]} LM / {probe[1]} vision layers (probe)"
   model = hf_checkpoint.build(
       config_lib.as_config(hf),
       policy.DTYPES[cfg.model.param_dtype],
@@ -208,7 +226,8 @@ def run_one(cfg, topology: str, text_tokens: int, images_per_prompt: int, min_he
       min_headroom=min_headroom,
       programs=programs,
       compiled=sum("mem" in r for r in programs),  # a verdict needs at least one program measured
-      fits=all(r["fits"] for r in programs) and any("mem" in r for r in programs),
+      probe_depth=list(probe) if probe else None,  # a probe measures a cut model: never a verdict on the config
+      fits=all(r["fits"] for r in programs) and any("mem" in r for r in programs) and not probe,
       seconds=time.time() - t0,
   )
   return report

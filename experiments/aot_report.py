@@ -47,6 +47,9 @@ def print_report(rep: dict) -> None:
       e = r["estimate"]
       mfu = f", MFU {e['mfu']:.1%} of {rep['chip']['peak_bf16'] / 1e12:.0f} TFLOP/s" if "mfu" in e else ""
       print(f"  {'':<13} estimate (XLA cost model): {e['seconds'] * 1e3:.1f} ms, {e['tokens_per_s']:.0f} tokens/s{mfu}")
+  if rep.get("probe_depth"):
+    print(f"  => PROBE of a cut model ({rep['hf_config']}): memory figures only, no verdict on the config")
+    return
   if not rep.get("compiled", 1):
     print("  => NOTHING COMPILED: no verdict (select a program of this stage with --programs)")
     return

@@ -129,3 +129,24 @@ def test_a_report_with_nothing_compiled_gives_no_verdict(capsys):
   aot_report.print_report(rep)
   out = capsys.readouterr().out
   assert "NOTHING COMPILED" in out and "FITS" not in out.replace("NOTHING COMPILED", "")
+
+
+def test_probe_cuts_the_depth_only():
+  """--probe_depth L,Lv: the 7B config.json with L decoder layers and Lv vision blocks, every other field as it was
+  (so per-layer buffers show as the difference of two probes); Qwen2.5-VL keeps a full-attention block below Lv."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import aot_programs  # pylint: disable=g-import-not-at-top
+  from ekipl_jax.models import known_configs
+
+  full = known_configs.lookup("qwen2_5_vl_7b")
+  cut = aot_programs.shallow_copy(full, 2, 6)
+  assert cut["num_hidden_layers"] == 2 and cut["vision_config"]["depth"] == 6
+  assert cut["vision_config"]["fullatt_block_indexes"] == [5]  # 7, 15, 23, 31 are all >= 6
+  assert full["num_hidden_layers"] == 28 and full["vision_config"]["depth"] == 32  # the original is untouched
+  strip = lambda hf: {k: v for k, v in hf.items() if k not in ("num_hidden_layers", "vision_config")}
+  assert strip(cut) == strip(full)
+  assert aot_programs.shallow_copy(full, 28, 16)["vision_config"]["fullatt_block_indexes"] == [7, 15]
+  with pytest.raises(ValueError, match="probe_depth"):
+    aot_programs.shallow_copy(full, 29, 2)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ekipl_jax import sharding
 from ekipl_jax.rl import loss as rl_loss
 from ekipl_jax.rl.batch import UpdateBatch
 from ekipl_jax.train_state import TrainState, init_state, shard_batch  # noqa: F401 (the step's state and placement)
@@ -87,6 +88,7 @@ def make_train_step(
 ) -> Callable[[TrainState, UpdateBatch], tuple[TrainState, dict]]:
   """cfg: the rl config (loss fields, mu, micro_batches). state_sharding: optional out-sharding of the state."""
   k, mu = int(cfg.micro_batches), int(cfg.mu)
+  param_sh = sharding.params_part(state_sharding)  # gradients and their sum live like params
 
   def mb_loss(params, mb: UpdateBatch, old_logp_BC: Optional[Array]):
     logp_BC, ent_BC = logprob_fn(params, mb.inputs)
@@ -114,11 +116,15 @@ def make_train_step(
       g_acc, ls_acc, d_acc, aux_acc = carry
       mb, old = xs
       (ls, (d, aux)), g = grad_fn(params, mb, old)
-      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-      return (g_acc, ls_acc + ls, d_acc + d, rl_loss.merge_aux(aux_acc, aux)), None
+      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, sharding.constrain_like(g, param_sh))
+      return (sharding.constrain_like(g_acc, param_sh), ls_acc + ls, d_acc + d, rl_loss.merge_aux(aux_acc, aux)), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), _init_aux(aux_shapes))
+    init = (
+        sharding.grad_accumulator(params, param_sh),
+        jnp.zeros((), jnp.float32),
+        jnp.zeros((), jnp.float32),
+        _init_aux(aux_shapes),
+    )
     (g_sum, ls_sum, d_sum, aux), _ = jax.lax.scan(body, init, (mbs, old_kBC))
     return g_sum, ls_sum, d_sum, aux
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ekipl_jax import sharding
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import packed
 from ekipl_jax.train import batching
@@ -52,6 +53,7 @@ def make_sft_step(
   """micro_batches: exact gradient accumulation over this many micro-batches (module doc). state_sharding: the
   state's out-sharding (else XLA picks one, which the next call compiles for again)."""
   k = int(micro_batches)
+  param_sh = sharding.params_part(state_sharding)  # gradients and their sum live like params
 
   def loss_sum(params, batch, P):
     logp_RC, _ = packed.row_logprobs(model, params, batch, targets_from=P, chunk_size=chunk_size)
@@ -63,15 +65,16 @@ def make_sft_step(
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
     if k == 1:
       (ls, count), g = grad_fn(params, batch, P)
+      g = sharding.constrain_like(g, param_sh)
     else:
 
       def body(carry, mb):
         g_acc, ls_acc, n_acc = carry
         (ls, n), g = grad_fn(params, mb, P)
-        return (jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), ls_acc + ls, n_acc + n), None
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, sharding.constrain_like(g, param_sh))
+        return (sharding.constrain_like(g_acc, param_sh), ls_acc + ls, n_acc + n), None
 
-      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-      init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+      init = (sharding.grad_accumulator(params, param_sh), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
       (g, ls, count), _ = jax.lax.scan(body, init, split_rows(batch, k))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda x, p: (x / denom).astype(p.dtype), g, params)
