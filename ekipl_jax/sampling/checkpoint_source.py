@@ -106,16 +106,8 @@ def write_from_checkpoint(
       model_type = json.load(f).get("model_type", "")
     for b, (batch, n_real) in enumerate(_padded_batches(todo, batch_size)):
       pb = processor_lib.prompt_batch(proc, batch, prompt_buckets, templates)
-      out = sc.generate(
-          model,
-          params,
-          pb["input_ids"],
-          pb["attention_mask"],
-          pb["pixel_values"],
-          pb["image_grid_thw"],
-          rng=jax.random.fold_in(jax.random.key(seed), b),
-          prompt_buckets=(pb["input_ids"].shape[1],),
-      )
+      rng = jax.random.fold_in(jax.random.key(seed), b)
+      out = sc.generate_batch(model, params, pb, rng=rng, prompt_buckets=(pb["input_ids"].shape[1],))
       tokens_NC, lengths_N, logp_NC = (np.asarray(x) for x in (out.tokens, out.lengths, out.logprobs))
       for i, ex in enumerate(batch[:n_real]):
         for s in range(k):

@@ -2,13 +2,14 @@
 
 RL rollouts (train/rl_stages.sample), evaluation (train/evaluate.py) and the local-checkpoint aux-store writer
 (sampling/checkpoint_source.py) sample prompt batches with the same arguments; each builds a SamplingConfig and calls
-`sc.generate(...)` instead of spelling out sampling.generate's keywords.
+`sc.generate(...)` (prompt arrays) or `sc.generate_batch(...)` (a processor.prompt_batch dict) instead of spelling
+out sampling.generate's keywords.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 
@@ -63,5 +64,19 @@ class SamplingConfig:
         rng=rng,
         num_samples=self.num_samples,
         pad_token_id=self.pad_token_id,
+        prompt_buckets=prompt_buckets,
+    )
+
+  def generate_batch(self, model, params, batch: Mapping, *, rng: jax.Array, prompt_buckets: Sequence[int]):
+    """generate on a processor prompt batch (processor.prompt_batch: input_ids, attention_mask, pixel_values,
+    image_grid_thw)."""
+    return self.generate(
+        model,
+        params,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        rng=rng,
         prompt_buckets=prompt_buckets,
     )

@@ -55,16 +55,7 @@ def evaluate(
   for start in range(0, len(examples), ecfg.batch_size):
     chunk = list(examples[start : start + ecfg.batch_size])
     pb = processor_lib.prompt_batch(proc, chunk, prompt_buckets, templates)
-    out = sc.generate(
-        model,
-        params,
-        pb["input_ids"],
-        pb["attention_mask"],
-        pb["pixel_values"],
-        pb["image_grid_thw"],
-        rng=jax.random.fold_in(rng, start),
-        prompt_buckets=prompt_buckets,
-    )
+    out = sc.generate_batch(model, params, pb, rng=jax.random.fold_in(rng, start), prompt_buckets=prompt_buckets)
     tokens, lens = sharding.to_host(out.tokens), sharding.to_host(out.lengths)
     for b, ex in enumerate(chunk):
       texts = [proc.tokenizer.decode(tokens[b * k + j, : lens[b * k + j]], skip_special_tokens=True) for j in range(k)]
