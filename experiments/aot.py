@@ -93,6 +93,9 @@ _PROBE = flags.DEFINE_list(
 
 def main(argv):
   del argv
+  from ekipl_jax import tpu_flags
+
+  print(f"LIBTPU_INIT_ARGS={tpu_flags.apply()}")  # the flags the trainer runs with (ekipl_jax/tpu_flags.py)
   if _DUMP.value:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={_DUMP.value}").strip()
   import jax

@@ -19,7 +19,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (co
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint write at INFO
+  from ekipl_jax import tpu_flags  # pylint: disable=g-import-not-at-top
   from ekipl_jax.train import trainer  # pylint: disable=g-import-not-at-top
+
+  tpu_flags.apply()  # before JAX starts a TPU backend (ekipl_jax/tpu_flags.py)
 
   trainer.run(_CONFIG.value)
 

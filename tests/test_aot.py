@@ -150,3 +150,13 @@ def test_probe_cuts_the_depth_only():
   assert aot_programs.shallow_copy(full, 28, 16)["vision_config"]["fullatt_block_indexes"] == [7, 15]
   with pytest.raises(ValueError, match="probe_depth"):
     aot_programs.shallow_copy(full, 29, 2)
+
+
+def test_libtpu_flags_are_added_unless_the_user_named_them():
+  from ekipl_jax import tpu_flags
+
+  env = {}
+  assert tpu_flags.apply(env) == " ".join(tpu_flags.FLAGS) == env["LIBTPU_INIT_ARGS"]
+  assert tpu_flags.apply(env) == " ".join(tpu_flags.FLAGS)  # idempotent
+  mine = "--xla_tpu_enable_windowed_einsum_for_all_gather=true --xla_foo=1"
+  assert tpu_flags.libtpu_init_args(mine) == mine + " --xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"
