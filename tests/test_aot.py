@@ -42,6 +42,7 @@ def test_demo_rl_config_fits_v5e(tmp_path):
   rc, rep, log = run_aot(tmp_path, "rl", "--config.stage=rl", "--config.rl.beta=0.04")
   assert rc == 0, log[-4000:]
   assert rep["fits"] and rep["chips"] == 4 and rep["device_kind"] == "TPU v5 lite"
+  assert "--xla_tpu_enable_windowed_einsum_for_all_gather=false" in log  # compiled with the trainer's libtpu flags
   assert 15 * GiB < rep["hbm_bytes"] <= 16 * GiB
   assert [r["name"] for r in rep["programs"]] == ["prefill", "decode", "ref_logprobs", "update_step"]
   sizes = rep["sizes"]
