@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.teacher_blind = ""  # synthetic only: objects the SFT teacher misses, e.g. "small cylinder" ("" = none)
   c.data.teacher_miss_rate = 0.0  # synthetic only: probability the teacher misses each such object (train split)
   c.data.teacher_flaw = "miss"  # synthetic only: "miss" (blind objects unseen) | "uncounted" (seen, left out of totals)
+  c.data.ood_held_out = "some"  # synthetic only: held-out pairs per test_ood scene: "some" (1..n) | "one" (exactly 1)
   c.data.ood_min_objects = 0  # synthetic only: test_ood's fewest objects (0 = one more than the training scenes' 6)
   c.data.ood_max_objects = 9  # synthetic only: test_ood's most objects
   c.data.question_kinds = ()  # synthetic only: question kinds drawn, from synthetic.QUESTION_KINDS (() = all four)

@@ -117,3 +117,20 @@ def test_question_kinds_subset_and_unknown_kind_named():
   assert kinds == {"count", "add"}
   with pytest.raises(ValueError, match="'subtract_some'"):
     syn.SceneConfig(question_kinds=("count", "subtract_some"))
+
+
+def test_ood_held_out_one_gives_exactly_one_held_out_object():
+  one = syn.SceneConfig(seed=3, ood_min_objects=4, ood_max_objects=7, ood_held_out="one")
+  some = syn.SceneConfig(seed=3, ood_min_objects=4, ood_max_objects=7)
+  n_held = {"one": [], "some": []}
+  for name, cfg in (("one", one), ("some", some)):
+    for i in range(100):
+      objs = json.loads(syn.make_example(cfg, "test_ood", i)["metadata"])["objects"]
+      n_held[name].append(sum((o["color"], o["shape"]) in syn.HELD_OUT_PAIRS for o in objs))
+      assert 4 <= len(objs) <= 7
+  assert set(n_held["one"]) == {1}
+  assert min(n_held["some"]) >= 1 and max(n_held["some"]) > 1  # the default replaces 1..n objects
+  for split in ("train", "test_id"):  # only test_ood changes
+    assert all(syn.make_example(one, split, i) == syn.make_example(some, split, i) for i in range(10))
+  with pytest.raises(ValueError, match="ood_held_out 'two'"):
+    syn.SceneConfig(ood_held_out="two")

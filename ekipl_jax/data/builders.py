@@ -206,6 +206,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
   teacher_blind: str = ""  # train split: objects the flawed SFT teacher misses, e.g. "small cylinder" (see synthetic)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object
   teacher_flaw: str = "miss"  # what the teacher gets wrong: "miss" | "uncounted" (see synthetic)
+  ood_held_out: str = "some"  # test_ood: "some" (1..n held-out pairs per scene) | "one" (see synthetic)
   question_kinds: tuple[str, ...] = synthetic.QUESTION_KINDS  # kinds of question drawn (uniformly)
 
   def scene_config(self) -> synthetic.SceneConfig:
@@ -220,6 +221,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
         teacher_blind=self.teacher_blind,
         teacher_miss_rate=self.teacher_miss_rate,
         teacher_flaw=self.teacher_flaw,
+        ood_held_out=self.ood_held_out,
         question_kinds=tuple(self.question_kinds),
     )
 

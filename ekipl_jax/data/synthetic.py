@@ -7,7 +7,7 @@ vision token of Qwen-VL (14 px patches, 2x2 merge), so a tiny policy sees one ob
 Splits (documented contract, checked by tests):
   train, test_id : num objects in [min_objects, max_objects]; colour-shape pairs in HELD_OUT_PAIRS never appear.
   test_ood       : num objects in [ood_min_objects, ood_max_objects] (ood_min_objects 0 = max_objects + 1) AND every
-                   scene has >= 1 held-out pair.
+                   scene has >= 1 held-out pair (ood_held_out "one": exactly 1).
 Everything is a pure function of (config, split, index): rng = numpy Generator seeded by (seed, split, index).
 
 The chain of thought counts the objects by colour, one line per colour in a fixed order with a running total
@@ -75,8 +75,11 @@ class SceneConfig:
   teacher_blind: str = ""  # attribute values the SFT teacher misses, e.g. "gray" or "small cylinder" ("" = perfect)
   teacher_miss_rate: float = 0.0  # probability that the teacher misses each such object (train split only)
   teacher_flaw: str = "miss"  # "miss": each blind object unseen | "uncounted": per scene, seen but left out of totals
+  ood_held_out: str = "some"  # test_ood: "some" (1..n objects get a held-out pair) | "one" (exactly one object)
 
   def __post_init__(self):
+    if self.ood_held_out not in ("some", "one"):
+      raise ValueError(f"ood_held_out {self.ood_held_out!r}: expected 'some' or 'one'")
     if self.teacher_flaw not in TEACHER_FLAWS:
       raise ValueError(f"teacher_flaw {self.teacher_flaw!r}: expected one of {TEACHER_FLAWS}")
     bad = [k for k in self.question_kinds if k not in QUESTION_KINDS]
@@ -106,6 +109,7 @@ def sample_scene(cfg: SceneConfig, split: str, rng: np.random.Generator) -> list
   pairs = [allowed[int(rng.integers(len(allowed)))] for _ in range(n)]
   if ood:  # OOD: every scene shows at least one colour-shape pair never seen in training
     k = int(rng.integers(1, n + 1)) if n > 1 else 1
+    k = 1 if cfg.ood_held_out == "one" else k
     for j in rng.choice(n, size=min(k, n), replace=False):
       pairs[int(j)] = held[int(rng.integers(len(held)))]
   cells = rng.choice(cfg.grid * cfg.grid, size=n, replace=False)

@@ -38,6 +38,8 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
     suffix = f"_blind-{blind.replace(' ', '-')}-{miss:g}" if blind and miss > 0 else ""
     suffix += f"-{flaw}" if suffix and flaw != "miss" else ""
     suffix += f"_ood{ood_min}-{ood_max}" if (ood_min, ood_max) != (0, 9) else ""
+    held = str(dcfg.get("ood_held_out", "some"))
+    suffix += f"_oodheld-{held}" if held != "some" else ""
     suffix += "" if kinds == synthetic.QUESTION_KINDS else "_q-" + "-".join(kinds)
     scfg = builders.SyntheticConfig(
         name=f"s{dcfg.get('synthetic_seed', 0)}_n{dcfg.num_train}_t{dcfg.num_test}_px{dcfg.image_size}{suffix}",
@@ -45,6 +47,7 @@ def prepare(dcfg) -> tfds.core.DatasetBuilder:
         teacher_blind=blind,
         teacher_miss_rate=miss,
         teacher_flaw=flaw,
+        ood_held_out=held,
         ood_min_objects=ood_min,
         ood_max_objects=ood_max,
         question_kinds=kinds,
