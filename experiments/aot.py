@@ -59,7 +59,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the aot_*.py beside this file
+# The aot_*.py beside this file import as top-level modules (a script's folder is sys.path[0]).
 
 import aot_compile  # pylint: disable=g-import-not-at-top,wrong-import-position
 import aot_plan  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -14,6 +14,11 @@ import json
 MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")  # the model families (config.json model_type)
 
 
+def family_of(model_type: str) -> str:
+  """qwen2_5_vl for a Qwen2.5-VL model_type (qwen2_5_vl, qwen2_5_vl_text), else qwen2_vl."""
+  return "qwen2_5_vl" if model_type.startswith("qwen2_5_vl") else "qwen2_vl"
+
+
 @dataclasses.dataclass(frozen=True)
 class QwenVLConfig:
   model_type: str
@@ -122,7 +127,7 @@ class VisionConfig:
 
   @property
   def family(self) -> str:
-    return "qwen2_5_vl" if self.model_type.startswith("qwen2_5_vl") else "qwen2_vl"
+    return family_of(self.model_type)
 
   @property
   def head_dim(self) -> int:
@@ -146,7 +151,7 @@ class VisionConfig:
 
   @classmethod
   def from_hf(cls, vc: dict, model_type: str, out_hidden_size: int | None = None) -> "VisionConfig":
-    family = "qwen2_5_vl" if model_type.startswith("qwen2_5_vl") else "qwen2_vl"
+    family = family_of(model_type)
     if not model_type.startswith(MODEL_TYPES):
       raise ValueError(f"unknown model_type {model_type!r}")
     rope_params = vc.get("rope_parameters") or {}

@@ -33,7 +33,7 @@ import numpy as np
 
 from ekipl_jax import sharding
 from ekipl_jax.models import model as model_lib
-from ekipl_jax.models.config import QwenVLConfig, VisionConfig
+from ekipl_jax.models.config import QwenVLConfig, VisionConfig, family_of
 
 _ST_DTYPES = {
     "F64": np.float64,
@@ -315,7 +315,7 @@ def load_pretrained(
   model = build(config, dtype, compute_dtype, remat, mesh, rules)
   tensors = open_tensors(path)
   v5 = any(k.startswith("model.language_model.") for k in tensors)
-  family = "qwen2_5_vl" if config.model_type.startswith("qwen2_5_vl") else "qwen2_vl"
+  family = family_of(config.model_type)
   found = weights_family(tensors)
   if found is not None and found != family:
     raise ValueError(

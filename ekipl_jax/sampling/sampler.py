@@ -58,9 +58,13 @@ class SampleOutput:
   policy_logprobs: jax.Array
 
 
-def patch_bucket(n: int, unit: int) -> int:
+def patch_buckets(unit: int) -> list[int]:
   """Image patches are padded to the merge unit times a power of two (one compilation per power)."""
-  return processor_lib.pick_bucket(n, [unit << k for k in range(32)])
+  return [unit << k for k in range(32)]
+
+
+def patch_bucket(n: int, unit: int) -> int:
+  return processor_lib.pick_bucket(n, patch_buckets(unit))
 
 
 def _left_pad(x_BP: np.ndarray, to: int, value) -> np.ndarray:
@@ -224,7 +228,7 @@ def prepare_prompts(
     u = vision_config(c).merge_unit
     grid = np.asarray(image_grid_thw).reshape(-1, 3)
     per_row = images_per_row(ids_BP == c.image_token_id, grid.prod(-1) // u)
-    packed = packed_lib.pack_rows(model, pixel_values, grid, per_row, [u << k for k in range(32)])
+    packed = packed_lib.pack_rows(model, pixel_values, grid, per_row, patch_buckets(u))
   return ids_BP, mask_BP, np.asarray(pos_3BP, np.int32), first_pos_B, packed
 
 
