@@ -121,6 +121,11 @@ def grad_accumulator(params, shardings=None):
   return constrain_like(jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), shardings)
 
 
+def add_grads(g_acc, g, shardings=None):
+  """g_acc + g in float32, both kept placed like the params (shardings, or None): one micro-batch's accumulation."""
+  return constrain_like(jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g), shardings)
+
+
 _CLUSTER_VARS = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
 
 

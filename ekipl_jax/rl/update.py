@@ -116,8 +116,7 @@ def make_train_step(
       g_acc, ls_acc, d_acc, aux_acc = carry
       mb, old = xs
       (ls, (d, aux)), g = grad_fn(params, mb, old)
-      g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, sharding.constrain_like(g, param_sh))
-      return (sharding.constrain_like(g_acc, param_sh), ls_acc + ls, d_acc + d, rl_loss.merge_aux(aux_acc, aux)), None
+      return (sharding.add_grads(g_acc, g, param_sh), ls_acc + ls, d_acc + d, rl_loss.merge_aux(aux_acc, aux)), None
 
     init = (
         sharding.grad_accumulator(params, param_sh),

@@ -71,8 +71,7 @@ def make_sft_step(
       def body(carry, mb):
         g_acc, ls_acc, n_acc = carry
         (ls, n), g = grad_fn(params, mb, P)
-        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, sharding.constrain_like(g, param_sh))
-        return (sharding.constrain_like(g_acc, param_sh), ls_acc + ls, n_acc + n), None
+        return (sharding.add_grads(g_acc, g, param_sh), ls_acc + ls, n_acc + n), None
 
       init = (sharding.grad_accumulator(params, param_sh), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
       (g, ls, count), _ = jax.lax.scan(body, init, split_rows(batch, k))
