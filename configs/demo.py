@@ -46,12 +46,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.num_train = 3000  # synthetic examples per split (train)
   c.data.num_test = 256  # synthetic examples per test split (all evaluated)
   c.data.synthetic_seed = 0  # generator seed (another seed gives fresh scenes: a validation set for tuning)
-  c.data.teacher_blind = "gray"  # the SFT teacher misses these objects (see ekipl_jax/data/synthetic.py)
-  c.data.teacher_miss_rate = 0.8  # probability that it misses each one (train split; tests stay truthful)
+  c.data.teacher_blind = "gray"  # the objects the SFT teacher gets wrong (see ekipl_jax/data/synthetic.py)
+  c.data.teacher_flaw = "uncounted"  # it lists them right but leaves them out of its running total and answer
+  c.data.teacher_miss_rate = 0.9  # probability per training scene that it does so (tests stay truthful)
   c.data.question_kinds = ("count", "add", "subtract_n")  # no 'subtract_all' (its count of a shape / size filter is
   # perception this tiny policy does not learn in the SFT budget; the other kinds need the total only)
   c.data.ood_min_objects = 4  # test_ood: 4-7 objects (the training scenes 2-6) and every scene with a held-out
   c.data.ood_max_objects = 7  # colour-shape pair
+  c.data.ood_held_out = "one"  # exactly one object per test_ood scene has a held-out pair (gray as often as in ID)
   c.data.image_size = 112  # pixels per side (8 x 8 patches of 14 px, 16 merged tokens)
   c.data.min_pixels = 112 * 112  # image processor bounds (keep images at their size)
   c.data.max_pixels = 112 * 112

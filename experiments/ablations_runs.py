@@ -151,12 +151,7 @@ def use_compile_cache(path: str) -> None:
   """A persistent XLA compilation cache in `path` for this process: the runs compile the same sampler / evaluation /
   update programs (same shapes), so all but the first load them from disk. The executables are the same programs,
   so the numbers do not change. Also the initializer of each --jobs worker process."""
-  if not path:
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  plan_lib.demo().use_compile_cache(path)
 
 
 def jsonable(d: dict) -> dict:
