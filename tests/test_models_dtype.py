@@ -79,3 +79,30 @@ def test_init_matches_hf_parameter_count_and_runs(path):
   assert out.shape == (2, inputs["input_ids"].shape[1], F.VOCAB) and np.isfinite(out).all()
   text_only, p2 = models.init(hf_cfg, jax.random.PRNGKey(0), with_vision=False)
   assert "visual" not in p2["params"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dims", [(((2,), (1,)), ((), ())), (((2,), (0,)), ((), ()))])  # tied [V, D] | lm_head [D, V]
+def test_dot_lean_grads_same_gradients_as_autodiff(dtype, dims):
+  """decoder.dot_f32_lean_grads (the unembedding's matmul) gives the gradients autodiff of dot_f32 gives, when the
+  output is rounded to the operands' dtype as QwenVL.unembed does; only the float32 copies are gone."""
+  from ekipl_jax.models import decoder  # pylint: disable=g-import-not-at-top
+
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  h_BTD = jax.random.normal(k1, (2, 5, 24), jnp.float32)
+  w_shape = (40, 24) if dims[0][1] == (1,) else (24, 40)
+  w = 0.2 * jax.random.normal(k2, w_shape, jnp.float32)
+  c_BTV = jax.random.normal(k3, (2, 5, 40), jnp.float32)
+
+  def loss(dot, h, w):
+    out = dot(h.astype(dtype), w.astype(dtype), dims).astype(dtype)
+    return jnp.sum(out.astype(jnp.float32) * c_BTV)
+
+  want = jax.grad(lambda h, w: loss(decoder.dot_f32, h, w), argnums=(0, 1))(h_BTD, w)
+  got = jax.grad(lambda h, w: loss(decoder.dot_f32_lean_grads, h, w), argnums=(0, 1))(h_BTD, w)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the reference itself: d/dw of sum(c * h @ w) by hand, float32
+  if dtype == jnp.float32:
+    hand = jnp.einsum("btd,btv->vd" if w_shape == (40, 24) else "btd,btv->dv", h_BTD, c_BTV)
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(hand), rtol=1e-5, atol=1e-5)

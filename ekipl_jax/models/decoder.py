@@ -14,6 +14,7 @@ each parameter declares its logical axes once through `nn.with_logical_partition
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -31,6 +32,43 @@ def dot_f32(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=
   """lax.dot_general accumulating in float32 whatever the operands' dtype (the result is float32)."""
   del preferred_element_type
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _canonical(dimension_numbers):
+  (lc, rc), (lb, rb) = dimension_numbers
+  return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dot_lean(lhs, rhs, dimension_numbers):
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _dot_lean_fwd(lhs, rhs, dimension_numbers):
+  return _dot_lean(lhs, rhs, dimension_numbers), (lhs, rhs)
+
+
+def _dot_lean_bwd(dimension_numbers, residuals, ct):
+  lhs, rhs = residuals
+  dt = jnp.result_type(lhs, rhs)
+  dot = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers, preferred_element_type=dt)
+  _, vjp = jax.vjp(dot, lhs, rhs)
+  d_lhs, d_rhs = vjp(ct.astype(dt))
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_dot_lean.defvjp(_dot_lean_fwd, _dot_lean_bwd)
+
+
+def dot_f32_lean_grads(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """dot_f32 whose backward dots write the operands' cotangents in the operands' dtype directly. Autodiff of dot_f32
+  computes each cotangent in float32 and then rounds it to the operand's dtype: for the unembedding's [V, D] weight in
+  bfloat16 that is a float32 copy of the whole table per chip beside the bfloat16 one (1.2 GB for Qwen2.5-VL-3B, the
+  peak of its update step on v5e-8; docs/TPU_PLAN.md). A bfloat16-output dot accumulates in float32 and rounds once
+  (TPU, GPU; XLA CPU computes bf16 dots in float32), so the cotangents are the same numbers, provided the forward
+  output is itself rounded to the operands' dtype, as QwenVL.unembed does (its cotangent is then exact in it)."""
+  del precision, preferred_element_type
+  return _dot_lean(lhs, rhs, _canonical(dimension_numbers))
 
 
 class Dense(nn.Dense):

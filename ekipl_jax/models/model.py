@@ -23,7 +23,7 @@ import numpy as np
 from ekipl_jax import sharding
 from ekipl_jax.models import rope, vision
 from ekipl_jax.models.config import QwenVLConfig, as_config
-from ekipl_jax.models.decoder import Dense, DecoderLayer, RMSNorm, attention_mask, dot_f32
+from ekipl_jax.models.decoder import Dense, DecoderLayer, RMSNorm, attention_mask, dot_f32_lean_grads
 
 Array = Any
 
@@ -81,6 +81,7 @@ class QwenVL(nn.Module):
           dtype=dt,
           param_dtype=pdt,
           kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+          dot_general=dot_f32_lean_grads,  # no float32 copy of the [D, V] kernel's gradient (see there)
       )
     if self.with_vision:
       self.visual = vision.VisionTower(vision_config(c), dt, pdt, remat=self.remat)
@@ -194,7 +195,8 @@ class QwenVL(nn.Module):
       # chunk (models/logprobs.py); unpinned, XLA sums every chunk's gradient into a whole [V, D] float32 table on
       # each chip (1.2 GB for Qwen2.5-VL-3B, the peak of its update step on v5e-8; docs/TPU_PLAN.md).
       emb_VD = self._constrain(self.embed_tokens.embedding.astype(self.dtype), ("vocab", "embed"))
-      logits_BTV = dot_f32(h_BTD.astype(self.dtype), emb_VD, (((h_BTD.ndim - 1,), (1,)), ((), ()))).astype(self.dtype)
+      dims = (((h_BTD.ndim - 1,), (1,)), ((), ()))
+      logits_BTV = dot_f32_lean_grads(h_BTD.astype(self.dtype), emb_VD, dims).astype(self.dtype)
     else:
       logits_BTV = self.lm_head(h_BTD)
     return self._constrain(logits_BTV, ("batch", "sequence", "vocab"))
