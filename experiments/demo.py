@@ -179,12 +179,21 @@ def check_results_json(res: dict) -> None:
 def bootstrap_ci(correct_SE: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
   """95% interval of the mean over seeds of the accuracy (%), resampling the evaluated examples (each example keeps
   its row of per-seed scores, so the interval covers the choice of test examples; the seeds' spread is shown
-  beside it). correct_SE: scores in [0, 1], seeds x examples."""
+  beside it). correct_SE: scores in [0, 1] (or per-example differences in [-1, 1]), seeds x examples."""
   rng = np.random.default_rng(seed)
   per_example = np.asarray(correct_SE, dtype=float).mean(0)
   idx = rng.integers(0, per_example.size, size=(n_boot, per_example.size))
   means = 100.0 * per_example[idx].mean(1)
   return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired_diff_ci(a_SE: np.ndarray, b_SE: np.ndarray) -> tuple[float, float, float]:
+  """Mean difference of two arms' accuracies (percentage points) with its paired 95% interval: each example keeps
+  its score averaged over the seeds in both arms, and the examples are resampled together (bootstrap_ci of the
+  per-example differences). a_SE, b_SE: scores in [0, 1], seeds x the same examples."""
+  d_E = np.asarray(a_SE, dtype=float).mean(0) - np.asarray(b_SE, dtype=float).mean(0)
+  lo, hi = bootstrap_ci(d_E[None, :])
+  return 100.0 * float(d_E.mean()), lo, hi
 
 
 def example_scores(workdir: str, split: str, step: int) -> np.ndarray:
@@ -199,6 +208,7 @@ def summarize(res: dict, workdirs: Mapping[str, Sequence[str]]) -> list[str]:
   splits, steps, seeds = res["splits"], res["steps"], res["seeds"]
   last = steps[-1]
   cells = {"SFT": {}, "GRPO": {}, "EKIPL": {}}
+  pairs = {("GRPO", "SFT"): {}, ("EKIPL", "SFT"): {}, ("EKIPL", "GRPO"): {}}
   for split in splits:
     scores = {"SFT": [example_scores(w, split, 0) for w in workdirs["GRPO"]]}
     for arm in ("GRPO", "EKIPL"):
@@ -208,6 +218,9 @@ def summarize(res: dict, workdirs: Mapping[str, Sequence[str]]) -> list[str]:
       finals = a if arm == "SFT" else [row[-1] for row in a]
       lo, hi = bootstrap_ci(np.stack(per_seed))
       cells[arm][split] = f"{np.mean(finals):.1f} [{lo:.1f}, {hi:.1f}] ({' / '.join(f'{v:.1f}' for v in finals)})"
+    for a, b in pairs:
+      d, lo, hi = paired_diff_ci(np.stack(scores[a]), np.stack(scores[b]))
+      pairs[(a, b)][split] = f"{d:+.1f} [{lo:+.1f}, {hi:+.1f}]"
   lines = [
       "| method | " + " | ".join(splits) + " |",
       "|---|" + "---|" * len(splits),
@@ -217,6 +230,13 @@ def summarize(res: dict, workdirs: Mapping[str, Sequence[str]]) -> list[str]:
       "",
       f"Accuracy in percent: mean over seeds {seeds} [95% interval over the {res['n_eval'][splits[0]]} evaluated "
       "examples, bootstrap] (per seed).",
+      "",
+      f"Differences at step {last}, paired over the evaluated examples (each example's score averaged over the seeds; "
+      "bootstrap 95% interval):",
+      "",
+      "| difference | " + " | ".join(splits) + " |",
+      "|---|" + "---|" * len(splits),
+      *[f"| {a} - {b} | " + " | ".join(pairs[(a, b)][s] for s in splits) + " |" for a, b in pairs],
       "",
       "Mean accuracy at each evaluation step, and the first step at which EKIPL's mean reaches GRPO's final mean:",
       "",

@@ -94,6 +94,16 @@ def test_bootstrap_interval():
   assert lo == pytest.approx(50 - 6.1, abs=1.0) and hi == pytest.approx(50 + 6.1, abs=1.0)
 
 
+def test_paired_difference_interval():
+  # Arm a right on every example, arm b on half of them (the same half in every seed): the difference is 50 points,
+  # and its interval is the half-right interval mirrored, about 50 +- 6.1 (see test_bootstrap_interval).
+  half = np.tile((np.arange(256) % 2).astype(float), (3, 1))
+  d, lo, hi = demo.paired_diff_ci(np.ones((3, 256)), half)
+  assert d == 50.0 and lo == pytest.approx(50 - 6.1, abs=1.0) and hi == pytest.approx(50 + 6.1, abs=1.0)
+  # pairing: the same scores in both arms give exactly 0 [0, 0], however the examples vary
+  assert demo.paired_diff_ci(half, half) == (0.0, 0.0, 0.0)
+
+
 def test_summarize_reads_predictions_and_convergence_step(tmp_path):
   steps, runs = _runs()
   res = demo.results_json(["test_id", "test_ood"], {"test_id": 4, "test_ood": 4}, [0, 1], steps, runs)
@@ -110,5 +120,6 @@ def test_summarize_reads_predictions_and_convergence_step(tmp_path):
       workdirs[arm].append(str(w.parent))
   md = "\n".join(demo.summarize(res, workdirs))
   assert "| GRPO, 4 steps | 60.0 [" in md and "(60.0 / 60.0)" in md
+  assert "| EKIPL - GRPO | +0.0 [+0.0, +0.0] | +0.0 [+0.0, +0.0] |" in md  # the same predictions in every run
   # EKIPL's mean test_id curve 49.5, 70, 80 reaches GRPO's final 60 at step 2 = 50% of the 4 steps
   assert "test_id: EKIPL reaches GRPO's final 60.0 at step 2 of 4 (50% of the RL steps)" in md
