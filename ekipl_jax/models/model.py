@@ -191,9 +191,9 @@ class QwenVL(nn.Module):
   def unembed(self, h_BTD):
     if self.config.tie_word_embeddings:
       # nn.Embed.attend, accumulating in float32. The compute copy is pinned to the table's own (vocab, embed) placement
-      # where it is used: the constraint's transpose keeps the table's gradient split over the mesh in each log-prob
-      # chunk (models/logprobs.py); unpinned, XLA sums every chunk's gradient into a whole [V, D] float32 table on
-      # each chip (1.2 GB for Qwen2.5-VL-3B, the peak of its update step on v5e-8; docs/TPU_PLAN.md).
+      # where it is used (in each log-prob chunk, models/logprobs.py), so its gradient is asked for in that placement;
+      # the whole-table float32 gradient per chip that was the peak of Qwen2.5-VL-3B's update step on v5e-8 went with
+      # dot_f32_lean_grads, not with this pin (measured, docs/TPU_PLAN.md).
       emb_VD = self._constrain(self.embed_tokens.embedding.astype(self.dtype), ("vocab", "embed"))
       dims = (((h_BTD.ndim - 1,), (1,)), ((), ()))
       logits_BTV = dot_f32_lean_grads(h_BTD.astype(self.dtype), emb_VD, dims).astype(self.dtype)
