@@ -66,6 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.sft.warmup_steps = 100  # linear warm-up (Reason-RFT: 100)
   c.sft.weight_decay = 0.1  # AdamW weight decay (Reason-RFT: 0.1)
   c.sft.grad_clip = 1.0  # global-norm clip
+  c.sft.mu_dtype = "float32"  # AdamW first moment: float32 | bfloat16 (as rl.optimizer.mu_dtype)
   c.sft.max_completion = 1024  # completion tokens kept (chain of thought + answer + EOS)
 
   c.rl = rl_config.default()  # GRPO / EKIPL objective, selection and optimizer (ekipl_jax/rl/config.py)

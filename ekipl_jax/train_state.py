@@ -24,6 +24,16 @@ class TrainState:
   skipped_steps: jax.Array  # updates skipped because the loss or gradient was not finite
 
 
+def adam_mu_dtype(name: str | None) -> jnp.dtype | None:
+  """AdamW's first-moment dtype from a config string (sft.mu_dtype, rl.optimizer.mu_dtype): None / "" / "float32"
+  keep the params' dtype (optax's default), "bfloat16" stores m in bfloat16."""
+  if name in (None, "", "float32"):
+    return None
+  if name == "bfloat16":
+    return jnp.bfloat16
+  raise ValueError(f"mu_dtype must be float32 or bfloat16, got {name!r}")
+
+
 def init_state(params: Any, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(
       step=jnp.zeros((), jnp.int32),

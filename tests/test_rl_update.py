@@ -6,6 +6,7 @@ teacher-forced on batch["input_ids"]; the completion is the last C tokens.
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -188,3 +189,40 @@ def test_config_defaults_and_schedules():
   )
   o.warmup_steps, o.schedule = 4, "constant"
   assert float(update.lr_schedule(o)(2)) == pytest.approx(0.5) and float(update.lr_schedule(o)(9)) == 1.0
+
+
+@pytest.mark.parametrize("which", ["rl", "sft"])
+def test_mu_dtype_bfloat16_is_adamw_with_a_rounded_first_moment(which):
+  """Two AdamW steps by hand (Loshchilov & Hutter; optax's bias correction), m stored in bfloat16 between steps: optax
+  computes b1 * m in m's dtype, adds (1 - b1) g in float32, and rounds the new m to bfloat16 only when storing it."""
+  from ekipl_jax.train import sft  # pylint: disable=g-import-not-at-top
+
+  lr, b1, b2, eps, wd = 0.1, 0.9, 0.999, 1e-8, 0.0
+  if which == "rl":
+    o = config.default().optimizer
+    o.lr, o.grad_clip, o.mu_dtype = lr, None, "bfloat16"
+    opt = update.make_optimizer(o)
+  else:
+    s = ml_collections.ConfigDict(dict(lr=lr, warmup_steps=0, weight_decay=wd, grad_clip=1e6, mu_dtype="bfloat16"))
+    opt = sft.optimizer_for(s, total_steps=10**6)  # cosine over 10^6 steps: lr constant to 1e-11 over two steps
+  p = {"w": np.array([0.3, -1.7, 2.2], np.float32)}
+  grads = [np.array([0.123456, -3.3, 1e-3], np.float32), np.array([-0.5, 0.77777, 2.0], np.float32)]
+  state = opt.init(p)
+  leaves = [x for x in jax.tree.leaves(state) if getattr(x, "shape", ()) == (3,)]
+  assert sorted(str(x.dtype) for x in leaves) == ["bfloat16", "float32"]  # m in bfloat16, v in float32
+  m = v = np.zeros(3, np.float64)
+  bf16 = lambda x: np.asarray(jnp.asarray(x, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+  w = p["w"].astype(np.float64)
+  for t, g in enumerate(grads, start=1):
+    upd, state = opt.update({"w": g}, state, p)
+    p = optax.apply_updates(p, upd)
+    b1_m = np.asarray(bf16(bf16(b1) * m), np.float64)  # a weakly typed b1 times bf16 m: b1 rounded, product rounded
+    m_f32 = (1 - b1) * g.astype(np.float64) + b1_m  # this step's m, used unrounded for the update
+    v = b2 * v + (1 - b2) * g.astype(np.float64) ** 2
+    w = w - lr * ((m_f32 / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps) + wd * w)
+    m = np.asarray(bf16(m_f32), np.float64)  # stored
+    np.testing.assert_allclose(np.asarray(p["w"]), w, rtol=1e-5, atol=1e-6)
+  m_stored = [x for x in jax.tree.leaves(state) if getattr(x, "dtype", None) == jnp.bfloat16][0]
+  np.testing.assert_array_equal(np.asarray(m_stored, np.float64), m)
+  full = update.make_optimizer(config.default().optimizer)  # the default keeps m in float32
+  assert all(x.dtype != jnp.bfloat16 for x in jax.tree.leaves(full.init(p)))

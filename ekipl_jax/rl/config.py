@@ -48,4 +48,5 @@ def default() -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999  # AdamW beta2 (HF Trainer default)
   c.optimizer.eps = 1e-8  # AdamW epsilon
   c.optimizer.grad_clip = 1.0  # global-norm gradient clipping (None or <= 0 = off)
+  c.optimizer.mu_dtype = "float32"  # AdamW first moment: float32 | bfloat16 (half its HBM; 7B on v5e-16)
   return c

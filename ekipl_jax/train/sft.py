@@ -25,7 +25,7 @@ from ekipl_jax import sharding
 from ekipl_jax.data import processor as processor_lib
 from ekipl_jax.models import packed
 from ekipl_jax.train import batching
-from ekipl_jax.train_state import TrainState
+from ekipl_jax.train_state import TrainState, adam_mu_dtype
 
 
 def split_rows(batch: dict, k: int) -> dict:
@@ -121,6 +121,8 @@ def make_batch(model, proc, examples, cfg) -> tuple[dict, int]:
 
 
 def optimizer_for(scfg, total_steps: int) -> optax.GradientTransformation:
-  """AdamW, linear warm-up then cosine decay, global-norm clipping (Reason-RFT SFT: lr 1e-5, 100 warm-up, wd 0.1)."""
+  """AdamW, linear warm-up then cosine decay, global-norm clipping (Reason-RFT SFT: lr 1e-5, 100 warm-up, wd 0.1);
+  scfg.mu_dtype as rl.optimizer.mu_dtype (rl/update.py)."""
   sched = optax.warmup_cosine_decay_schedule(0.0, scfg.lr, min(scfg.warmup_steps, total_steps - 1), max(total_steps, 1))
-  return optax.chain(optax.clip_by_global_norm(scfg.grad_clip), optax.adamw(sched, weight_decay=scfg.weight_decay))
+  adamw = optax.adamw(sched, weight_decay=scfg.weight_decay, mu_dtype=adam_mu_dtype(scfg.get("mu_dtype")))
+  return optax.chain(optax.clip_by_global_norm(scfg.grad_clip), adamw)

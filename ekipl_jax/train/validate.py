@@ -126,6 +126,7 @@ def _sft(cfg) -> None:
   if _number(cfg, "sft.weight_decay") < 0:
     _fail("sft.weight_decay", f"must be >= 0, got {cfg.sft.weight_decay!r}")
   _positive(cfg, "sft.grad_clip")
+  _one_of(cfg, "sft.mu_dtype", DTYPES)
   _int(cfg, "sft.max_completion", 1)
 
 
@@ -186,6 +187,7 @@ def _rl(cfg) -> None:
     _fail(f"{o}.weight_decay", f"must be >= 0, got {r.optimizer.weight_decay!r}")
   if r.optimizer.grad_clip is not None:
     _number(cfg, f"{o}.grad_clip")
+  _one_of(cfg, f"{o}.mu_dtype", DTYPES)
   _sampling(cfg, "rl.sampling", greedy_ok=False)
   for i, pair in enumerate(r.rewards):
     if len(pair) != 2 or pair[0] not in rewards.REWARDS or not math.isfinite(float(pair[1])):
