@@ -109,6 +109,7 @@ def get_config(arg: str = "qwen2_vl_2b,counting,ekipl") -> ml_collections.Config
   # Stage 1: CoT-SFT (16 rows of prompt + 1024 completion tokens): 2B / 3B on v5e-8 in 2 micro-batches of 8 rows (1 row
   # per chip at a time), 7B on v5e-16 in one (1 row per chip; 2 per chip on v5p-8). Exact accumulation (train/sft.py).
   c.sft.micro_batches = 1 if model.endswith("7b") else 2
+  c.sft.mu_dtype = "bfloat16" if model.endswith("7b") else "float32"  # AdamW's first moment: as rl.optimizer.mu_dtype
 
   # Stage 2: GRPO / EKIPL.
   c.rl.batch_prompts = BATCH_PROMPTS  # prompts per step. Reason-RFT: 7 GPUs x 1 x grad-accum 2
