@@ -74,6 +74,30 @@ HOST_ONLY_RL = (
 )
 
 
+# optimizer fields that only set scalar constants of the program (the lr schedule's values and lengths, Adam's betas
+# and eps, weight decay, the clip norm): no buffer changes with them, so programs that differ only there share one
+# compile. mu_dtype is not one of them (it changes the state's dtypes, which the signature sees anyway).
+CONSTANTS_ONLY_OPTIMIZER = (
+    "lr",
+    "schedule",
+    "warmup_steps",
+    "total_steps",
+    "final_lr_ratio",
+    "weight_decay",
+    "b1",
+    "b2",
+    "eps",
+    "grad_clip",
+)
+
+
+def device_rl_fields(rl: dict) -> dict:
+  """The rl config as the update step's signature sees it: without HOST_ONLY_RL and CONSTANTS_ONLY_OPTIMIZER."""
+  out = {k: v for k, v in rl.items() if k not in HOST_ONLY_RL}
+  out["optimizer"] = {k: v for k, v in rl.get("optimizer", {}).items() if k not in CONSTANTS_ONLY_OPTIMIZER}
+  return out
+
+
 def signature(name: str, static: Any, args: Any) -> str:
   """Hash of what a program's compilation depends on: the run's model / topology / mesh, the program's static
   settings, and its arguments' shapes, dtypes and shardings."""

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import aot_compile
-from aot_compile import CHIPS, HOST_ONLY_RL, compile_program, program_bytes, usable_hbm
+from aot_compile import CHIPS, compile_program, device_rl_fields, program_bytes, usable_hbm
 from aot_shapes import (
     Geometry,
     abstract_params,
@@ -128,7 +128,7 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
       return out, sizes
   sizes["batch"] = per_chip_bytes(batch)
   step = rl_stages.build_step(model, cfg, optimizer, shardings)(geo.P)
-  static = [{k: v for k, v in rc.to_dict().items() if k not in HOST_ONLY_RL}, geo.P, cfg.model.logprob_chunk]
+  static = [device_rl_fields(rc.to_dict()), geo.P, cfg.model.logprob_chunk]
   r = compile_program("update_step", step, (state, batch), static=static)
   r.update(rows=R, tokens=R * (geo.P + C), resident={"ref_params": sizes["ref_params"]})
   r["trips"] = int(rc.micro_batches) * int(rc.mu)  # the step's scans: mu epochs x micro-batches

@@ -125,7 +125,9 @@ def plan_markdown(reports: list[dict], seconds: float, text_tokens: int, min_hea
       "A program whose abstract signature (model, slice, mesh, the program's static settings, its arguments' shapes, "
       "dtypes and shardings; experiments/aot.py `signature`) matches one compiled before is not compiled again "
       '("cached": counting and structure prompts have the same shapes, and GRPO and EKIPL differ only in host-side '
-      "fields, HOST_ONLY_RL); the time shown is the first compile's. "
+      "fields, HOST_ONLY_RL, and the optimizer's scalar constants, CONSTANTS_ONLY_OPTIMIZER: counting's and structure's "
+      "update steps differ only in the length of an lr schedule they do not use); the time shown is the first "
+      "compile's. "
       "Estimates come from XLA's cost model (`optimal_seconds`), only where it is positive, against the chip's peak "
       "bf16 flop/s, scaled by the loop trip counts XLA does not count (decode steps, micro-batches x mu); loops "
       "inside (log-prob chunks) stay counted once, so they are lower bounds on time. They are not measurements.",

@@ -101,6 +101,33 @@ def test_plan_keeps_earlier_programs_and_marks_them():
   assert "| c | v5e:2x4 | 8 | **no** | update_step | 2.00 / 16.00 | 5% |" in text
 
 
+def test_update_step_signature_ignores_host_fields_and_optimizer_constants():
+  """The paper's counting and structure GRPO / EKIPL configs share one update-step compile (they differ in host-side
+  fields and in the length of an lr schedule); a field that changes the program's buffers (mu_dtype, micro_batches)
+  keeps them apart."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "experiments"))
+  import aot_compile  # pylint: disable=g-import-not-at-top
+  import aot_plan  # pylint: disable=g-import-not-at-top
+
+  rl = lambda arg, **kw: aot_plan.load_config(f"{ROOT}/configs/paper.py:{arg}", kw).rl.to_dict()
+  views = [
+      aot_compile.device_rl_fields(rl(f"qwen2_vl_7b,{t},{m}"))
+      for t in ("counting", "structure")
+      for m in ("grpo", "ekipl")
+  ]
+  assert (
+      rl("qwen2_vl_7b,counting,grpo")["optimizer"]["total_steps"]
+      != rl("qwen2_vl_7b,structure,grpo")["optimizer"]["total_steps"]
+  )
+  assert all(v == views[0] for v in views)
+  assert (
+      aot_compile.device_rl_fields(rl("qwen2_vl_7b,counting,grpo", **{"rl.optimizer.mu_dtype": "float32"})) != views[0]
+  )
+  assert aot_compile.device_rl_fields(rl("qwen2_vl_7b,counting,grpo", **{"rl.micro_batches": 16})) != views[0]
+
+
 def test_a_report_with_nothing_compiled_gives_no_verdict(capsys):
   """Every program skipped (e.g. --programs sft_step on an RL config): no 'FITS' is printed and the report does not
   fit (the tool's exit code is 1), since nothing was measured."""
