@@ -31,7 +31,6 @@ import numpy as np
 
 from ekipl_jax import sharding
 from ekipl_jax.data import processor as processor_lib
-from ekipl_jax.models import hf_checkpoint
 from ekipl_jax.models import packed as packed_lib
 from ekipl_jax.models.model import init_cache, rope_index, vision_config
 from ekipl_jax.sampling.sample import SamplingParams, sample_step
@@ -140,11 +139,7 @@ def _decode(
 
   def body(s):
     j = s["step"]  # the token of column j is fed at slot P + j, position pos + j
-    p = params
-    if regather:
-      p = jax.lax.optimization_barrier((params, j))[0]
-      if model.mesh is not None:  # the barrier's outputs stay sharded: the all-gathers come after it, in the loop
-        p = sharding.constrain_like(p, hf_checkpoint.param_shardings(model, model.mesh, model.rules))
+    p = jax.lax.optimization_barrier((params, j))[0] if regather else params
     pos_3N1 = jnp.broadcast_to((s["pos"] + j)[None, :, None], (3, s["pos"].shape[0], 1))
     x_N1D, _, _ = model.apply(p, s["token"][:, None], positions=pos_3N1, method="embed")
     h_N1D, cache = model.apply(p, x_N1D, pos_3N1, s["key_mask"], cache=s["cache"], cache_index=P + j, method="decode")
