@@ -77,8 +77,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.sampling.temperature = 0.9  # Reason-RFT: 0.9
   c.rl.sampling.top_p = 0.9  # Reason-RFT: 0.9
   c.rl.sampling.top_k = 50  # Reason-RFT: 50
-  c.rl.sampling.regather_weights = False  # all-gather the (FSDP) weights inside every decode step instead of letting
-  # XLA keep all layers' gathered copies for the whole loop: less HBM, more collective traffic (sampler._decode)
   c.rl.rewards = (("accuracy", 1.0), ("format", 1.0))  # (registered reward, weight); Reason-RFT: accuracy + format
 
   c.aux = ml_collections.ConfigDict()

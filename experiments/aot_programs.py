@@ -83,8 +83,7 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   rng = sds((), jax.eval_shape(lambda: jax.random.key(0)).dtype, rep)
   sp = SamplingParams(float(rc.sampling.temperature), float(rc.sampling.top_p), int(rc.sampling.top_k))
-  regather = bool(rc.sampling.get("regather_weights", False))
-  prefill, decode = sampler.programs(model, sp, int(C), int(n), (1,), 0, geo.P, regather)
+  prefill, decode = sampler.programs(model, sp, int(C), int(n), (1,), 0, geo.P)
   prompt_args = (
       place(ids_BP, ("batch", "sequence")),
       place(mask_BP, ("batch", "sequence")),
@@ -94,7 +93,7 @@ def rl_programs(cfg, model, mesh, rules, geo: Geometry, params):
       rng,
   )
   out = []
-  static = [sp, int(C), int(n), geo.P, regather]
+  static = [sp, int(C), int(n), geo.P]
   r = compile_program("prefill", prefill, (params,) + prompt_args, static=static)
   r.update(rows=B, tokens=B * geo.P, resident={"opt_state": others, "ref_params": sizes["ref_params"]})
   out.append(r)

@@ -50,20 +50,6 @@ def test_mesh_equals_single_device(path):
   assert sampled8.tokens.shape == (8, C) and sampled1.tokens.shape == (8, C)
 
 
-def test_regather_weights_samples_the_same_tokens(path):
-  """rl.sampling.regather_weights only moves the FSDP all-gathers into the decode loop: on the 8-device mesh the
-  sampled tokens and log-probs equal the default's (greedy and sampled)."""
-  inp = F.make_inputs(path, [[3, (4, 4), 5], [9], [2, (4, 4), 1], [12]], seed=1)
-  model, params = load_pretrained(path, mesh=sharding.make_mesh((1, 8, 1)))
-  for kw in (dict(), dict(temperature=1.0, top_k=0, rng=jax.random.key(5))):
-    ref = _run(model, params, inp, num_samples=2, **kw)
-    out = _run(model, params, inp, num_samples=2, regather_weights=True, **kw)
-    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
-    np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
-    np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(ref.logprobs))
-    np.testing.assert_array_equal(np.asarray(out.policy_logprobs), np.asarray(ref.policy_logprobs))
-
-
 def test_no_compilation_after_warm_up(path):
   model, params = load_pretrained(path)
   img = lambda n_text, seed: F.make_inputs(path, [[n_text, (4, 4), 2], [n_text + 3]], seed=seed)

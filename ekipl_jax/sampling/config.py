@@ -27,21 +27,13 @@ class SamplingConfig:
   top_k: int = 0  # most likely tokens kept (0 = off)
   eos_token_ids: tuple[int, ...] = ()  # a sampled one ends the row
   pad_token_id: int = 0  # fills a row after its end
-  regather_weights: bool = False  # gather the weights in every decode step (sampler._decode; HBM, not tokens)
 
   @classmethod
   def from_config(cls, rcfg, eos_token_ids: Sequence[int], pad_token_id: int) -> SamplingConfig:
     """RL rollouts: config rl.sampling and rl.num_policy_samples."""
     s = rcfg.sampling
     return cls(
-        rcfg.num_policy_samples,
-        s.max_new_tokens,
-        s.temperature,
-        s.top_p,
-        s.top_k,
-        tuple(eos_token_ids),
-        pad_token_id,
-        bool(s.get("regather_weights", False)),
+        rcfg.num_policy_samples, s.max_new_tokens, s.temperature, s.top_p, s.top_k, tuple(eos_token_ids), pad_token_id
     )
 
   def generate(
@@ -73,7 +65,6 @@ class SamplingConfig:
         num_samples=self.num_samples,
         pad_token_id=self.pad_token_id,
         prompt_buckets=prompt_buckets,
-        regather_weights=self.regather_weights,
     )
 
   def generate_batch(self, model, params, batch: Mapping, *, rng: jax.Array, prompt_buckets: Sequence[int]):

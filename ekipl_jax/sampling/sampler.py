@@ -122,16 +122,9 @@ def _prefill(
   )
 
 
-def _decode(
-    model, sp: SamplingParams, C: int, eos: tuple[int, ...], pad_id: int, P: int, regather: bool, params, cache, state
-):
+def _decode(model, sp: SamplingParams, C: int, eos: tuple[int, ...], pad_id: int, P: int, params, cache, state):
   """Decode columns 1 .. C-1 (stopping early once all rows are done) -> (SampleOutput, cache). The cache is
-  donated and returned (so its buffer is updated in place, not copied); the caller drops it.
-
-  regather: the params enter each step through an optimization barrier tied to the step counter, so XLA cannot hoist
-  their all-gathers (FSDP) or dtype casts out of the loop: every step gathers each layer's weights again, and only
-  a layer's gathered copy is alive at a time. Without it XLA may keep every layer's gathered weights for the whole
-  loop (faster, but about 2 bytes per parameter per chip: 7B on v5e-16 does not fit; docs/TPU_PLAN.md)."""
+  donated and returned (so its buffer is updated in place, not copied); the caller drops it."""
   eos_ids = jnp.asarray(eos, jnp.int32)
 
   def cond(s):
@@ -139,11 +132,12 @@ def _decode(
 
   def body(s):
     j = s["step"]  # the token of column j is fed at slot P + j, position pos + j
-    p = jax.lax.optimization_barrier((params, j))[0] if regather else params
     pos_3N1 = jnp.broadcast_to((s["pos"] + j)[None, :, None], (3, s["pos"].shape[0], 1))
-    x_N1D, _, _ = model.apply(p, s["token"][:, None], positions=pos_3N1, method="embed")
-    h_N1D, cache = model.apply(p, x_N1D, pos_3N1, s["key_mask"], cache=s["cache"], cache_index=P + j, method="decode")
-    logits_NV = model.apply(p, h_N1D, method="unembed")[:, 0]
+    x_N1D, _, _ = model.apply(params, s["token"][:, None], positions=pos_3N1, method="embed")
+    h_N1D, cache = model.apply(
+        params, x_N1D, pos_3N1, s["key_mask"], cache=s["cache"], cache_index=P + j, method="decode"
+    )
+    logits_NV = model.apply(params, h_N1D, method="unembed")[:, 0]
     rng, key = jax.random.split(s["rng"])
     tok_N, logp_N, plogp_N = sample_step(logits_NV, key, sp)
     live_N = jnp.logical_not(s["done"])
@@ -176,15 +170,15 @@ def _decode(
 _JITTED: dict[tuple, tuple[Any, Any, Any]] = {}
 
 
-def programs(model, sp, C, num_samples, eos, pad_id, P, regather: bool = False):
+def programs(model, sp, C, num_samples, eos, pad_id, P):
   """(prefill, decode): the jit objects per (model, static settings), cached; their own caches key on shapes.
-  experiments/aot.py lowers these same objects for a TPU topology. regather: _decode's."""
-  key = (id(model), sp, C, num_samples, eos, pad_id, P, regather)
+  experiments/aot.py lowers these same objects for a TPU topology."""
+  key = (id(model), sp, C, num_samples, eos, pad_id, P)
   hit = _JITTED.get(key)
   if hit is not None and hit[0] is model:
     return hit[1], hit[2]
   prefill = jax.jit(functools.partial(_prefill, model, sp, C, num_samples, eos, pad_id))
-  decode = jax.jit(functools.partial(_decode, model, sp, C, eos, pad_id, P, regather), donate_argnums=(1,))
+  decode = jax.jit(functools.partial(_decode, model, sp, C, eos, pad_id, P), donate_argnums=(1,))
   _JITTED[key] = (model, prefill, decode)
   return prefill, decode
 
@@ -279,19 +273,15 @@ def generate(
     num_samples: int = 1,
     pad_token_id: int = 0,
     prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
-    regather_weights: bool = False,
 ) -> SampleOutput:
-  """Sample max_new_tokens (at most) per row; see SampleOutput for the fields and the module doc for the rest.
-  regather_weights: gather the weights inside every decode step (_decode's `regather`); the same tokens."""
+  """Sample max_new_tokens (at most) per row; see SampleOutput for the fields and the module doc for the rest."""
   sp = SamplingParams(float(temperature), float(top_p), int(top_k))
   eos = tuple(sorted({int(e) for e in eos_token_ids}))
   ids_BP, mask_BP, pos_3BP, first_pos_B, packed = prepare_prompts(
       model, input_ids, attention_mask, pixel_values, image_grid_thw, prompt_buckets
   )
   P = ids_BP.shape[1]
-  prefill, decode = programs(
-      model, sp, int(max_new_tokens), int(num_samples), eos, int(pad_token_id), P, bool(regather_weights)
-  )
+  prefill, decode = programs(model, sp, int(max_new_tokens), int(num_samples), eos, int(pad_token_id), P)
   state = prefill(
       params,
       _place(model, ids_BP, ("batch", "sequence")),
